@@ -1,0 +1,105 @@
+"""The MDP and the unified update (unigrpo.py) on the toy preset of the real model class."""
+import dataclasses
+
+import pytest
+import torch
+
+import losses
+import reward
+import train
+import unigrpo
+
+torch.set_num_threads(1)
+
+
+def small_cfg(**kw):
+    cfg = dataclasses.replace(unigrpo.Config(), **train.PRESETS["toy"])
+    base = dict(prompts_per_step=2, group_size=4, max_think_tokens=12, num_steps=6, window_start=(0, 2),
+                window_size=2, minibatches=2, ppo_epochs=1, sft_steps=0, eval_per_category=2, out_dir="unused")
+    return dataclasses.replace(cfg, **{**base, **kw}).validate()
+
+
+@pytest.fixture(scope="module")
+def toy_policy():
+    return train.build_policy(small_cfg())
+
+
+def test_on_policy_ratio_is_one_before_any_update(toy_policy):
+    """Rollout (cached path) and update (packed train_forward) agree: text and image ratios are 1."""
+    cfg = small_cfg()
+    g = torch.Generator().manual_seed(0)
+    prompts = train.train_prompts(cfg, 0, cfg.prompts_per_step)
+    ro = unigrpo.rollout(toy_policy, prompts, reward.ToyReward(), cfg, g)
+    idx = torch.arange(ro.rewards.shape[0])
+    th = ro.thoughts.select(idx)
+    with torch.no_grad():
+        out = toy_policy.train_forward(th, ro.traj.x_t, ro.traj.t)
+        new = unigrpo.window_step(ro.traj, idx, out.v, cfg)
+    assert th.mask.any(), "the toy policy produced no reasoning tokens"
+    text_lr = losses.log_ratio(out.logp, th.logp)[th.mask]
+    flow_lr = losses.log_ratio(new.log_prob, ro.traj.log_prob)
+    assert text_lr.abs().max() < 1e-4, text_lr.abs().max()
+    assert flow_lr.abs().max() < 1e-4, flow_lr.abs().max()
+    torch.testing.assert_close(new.mean, ro.traj.mean, atol=1e-4, rtol=1e-4)
+
+
+def test_text_and_image_actions_share_the_trajectory_advantage(toy_policy, monkeypatch):
+    cfg = small_cfg()
+    g = torch.Generator().manual_seed(1)
+    prompts = train.train_prompts(cfg, 1, cfg.prompts_per_step)
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.25, 1.0, 1.0, 0.0, 0.5])
+    ro = unigrpo.rollout(toy_policy, prompts, lambda imgs, ps: rewards[:len(ps)], cfg, g)
+    torch.testing.assert_close(ro.advantages, losses.group_advantages(rewards, cfg.group_size))
+    seen = {}
+    real_text, real_flow = losses.text_grpo_loss, losses.flow_grpo_loss
+    monkeypatch.setattr(losses, "text_grpo_loss", lambda *a, **k: seen.setdefault("text", a[2]) is not None and real_text(*a, **k))
+    monkeypatch.setattr(losses, "flow_grpo_loss", lambda *a, **k: seen.setdefault("flow", a[1]) is not None and real_flow(*a, **k))
+    idx = torch.tensor([5, 0, 3])
+    ref = unigrpo.reference_copy(toy_policy)
+    unigrpo.unified_objective(toy_policy, ref, ro, idx, cfg)
+    torch.testing.assert_close(seen["text"], ro.advantages[idx])
+    torch.testing.assert_close(seen["flow"], ro.advantages[idx])
+
+
+def _changed(before, policy, names):
+    return {n for n, p in policy.named_parameters() if n in names and not torch.equal(before[n], p.detach())}
+
+
+@pytest.mark.parametrize("parts", ["both", "text", "image"])
+def test_one_update_changes_exactly_the_experts_it_should(parts):
+    cfg = small_cfg(train_parts=parts, lr_reasoning=1e-3, lr_denoising=1e-3, clip_flow=0.2)
+    policy = train.build_policy(cfg)
+    groups = {k: {n for n, p in policy.named_parameters() if any(p is q for q in v)}
+              for k, v in policy.param_groups().items()}
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    g = torch.Generator().manual_seed(2)
+    prompts = train.train_prompts(cfg, 2, cfg.prompts_per_step)
+    ramp = torch.linspace(0, 1, cfg.prompts_per_step * cfg.group_size)
+    ro = unigrpo.rollout(policy, prompts, lambda imgs, ps: ramp[:len(ps)], cfg, g)
+    ref = unigrpo.reference_copy(policy)
+    opt = unigrpo.make_optimizer(policy, cfg)
+    stats = unigrpo.update(policy, ref, opt, ro, cfg, g)
+    changed_r = _changed(before, policy, groups["reasoning"])
+    changed_d = _changed(before, policy, groups["denoising"])
+    if parts in ("both", "text"):
+        assert changed_r, "reasoning expert did not change"
+    else:
+        assert not changed_r, f"reasoning expert changed while frozen: {sorted(changed_r)[:3]}"
+    if parts in ("both", "image"):
+        assert changed_d, "denoising expert did not change"
+    else:
+        assert not changed_d, f"denoising expert changed while frozen: {sorted(changed_d)[:3]}"
+    frozen = {n for n, p in policy.named_parameters()} - groups["reasoning"] - groups["denoising"]
+    assert not _changed(before, policy, frozen)
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="group_size"):
+        small_cfg(group_size=1)
+    with pytest.raises(ValueError, match="window"):
+        small_cfg(window_start=(0, 5), window_size=3, num_steps=6)
+    with pytest.raises(ValueError, match="train_parts"):
+        small_cfg(train_parts="vision")
+    with pytest.raises(ValueError, match="regulariser"):
+        small_cfg(regulariser="kl")

@@ -1,0 +1,314 @@
+"""train.py: the UniGRPO training loop, its presets, checkpoints and artifacts.
+
+    python train.py --toy                      # SFT warm-up + UniGRPO on the toy world, laptop CPU
+    python train.py --toy --train_parts=image  # any Config field can be overridden: --key=value
+    torchrun train.py --bagel --model=/path/to/BAGEL-7B-MoT   (multi-GPU path: see README)
+
+The loop (main) reads as a handful of named calls; the algorithm is in unigrpo.py, the equations in
+losses.py and sampler.py, the model in model.py, the toy world and its verifier in reward.py.
+Artifacts in runs/<name>/: metrics.jsonl, grid_before.png / grid_after.png, reward_curve.png,
+summary.json, ckpt.pt (atomic; `--resume` continues exactly where it stopped).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import model as model_lib
+import reward
+import unigrpo
+from unigrpo import Config
+
+# ------------------------------------------------------------------------------------------------ presets
+PRESETS = {
+    # Laptop CPU, fp32, minutes. Sizes and rates follow reference/toy_feasibility.md; see README for results.
+    "toy": dict(name="toy", model="toy", image_hw=(32, 32), prompts_per_step=8, group_size=8,
+                max_think_tokens=20, num_steps=10, window_start=(0, 5), window_size=3,
+                lr_reasoning=1e-4, lr_denoising=1e-4, clip_text=0.2, clip_flow=1e-4, reg_weight=1.5e-5,
+                sft_steps=3000, sft_batch=64, sft_lr=1e-3, rl_steps=150, ckpt_every=10,
+                eval_per_category=256, eval_steps=20),
+    # The paper's setting (BAGEL-7B-MoT, 1024 px); the defaults of Config are the paper's numbers.
+    "bagel": dict(name="bagel", dtype="bfloat16", device="cuda", image_hw=(1024, 1024), rl_steps=1000,
+                  eval_per_category=0),
+}
+
+
+def parse_args(argv) -> tuple[Config, bool]:
+    """`--toy`/`--bagel` picks a preset; `--key=value` (or `--key value`) overrides any Config field."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    preset, overrides, resume = None, {}, False
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a in ("--toy", "--bagel"):
+            preset = a[2:]
+        elif a == "--resume":
+            resume = True
+        elif a.startswith("--"):
+            key, eq, val = a[2:].partition("=")
+            if key not in fields:
+                raise SystemExit(f"error: unknown option --{key}: presets are --toy and --bagel; "
+                                 f"config keys are {', '.join(sorted(fields))}")
+            if not eq:
+                if not args:
+                    raise SystemExit(f"error: --{key} needs a value")
+                val = args.pop(0)
+            overrides[key] = _parse_value(key, val, getattr(Config, key, None))
+        else:
+            raise SystemExit(f"error: unexpected argument {a!r}; use --toy, --bagel, --resume or --key=value")
+    if preset is None:
+        raise SystemExit("error: choose a preset: --toy or --bagel")
+    cfg = dataclasses.replace(Config(), **PRESETS[preset])
+    cfg = dataclasses.replace(cfg, **overrides)
+    try:
+        return cfg.validate(), resume
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def _parse_value(key, val: str, default):
+    try:
+        if isinstance(default, bool):
+            if val.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return val.lower() in ("true", "1")
+        if isinstance(default, tuple):
+            return tuple(int(v) for v in val.split(","))
+        if isinstance(default, int):
+            return int(val)
+        if isinstance(default, float) or default is None:
+            return None if val.lower() == "none" else float(val)
+        return val
+    except ValueError:
+        raise SystemExit(f"error: --{key}={val!r} is not a valid {type(default).__name__}") from None
+
+
+# ------------------------------------------------------------------------------------------ building blocks
+def build_policy(cfg: Config):
+    torch.manual_seed(cfg.seed)
+    if cfg.model == "toy":
+        tok = model_lib.WordTokenizer(reward.vocabulary())
+        bcfg = model_lib.BagelConfig.toy(tok, ground_words=reward.cell_tokens())
+        return model_lib.Policy.from_config(bcfg, tok, seed=cfg.seed).to(cfg.device)
+    return model_lib.Policy.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+
+
+def build_reward(cfg: Config):
+    if cfg.model == "toy":
+        return reward.ToyReward()
+    raise NotImplementedError("real reward models for --bagel are not wired yet (see README, 'Road ahead')")
+
+
+def train_prompts(cfg: Config, step: int, n: int, split="train"):
+    """Deterministic per step (so a resumed run sees the same prompts): mixed categories."""
+    rng = random.Random(f"{cfg.seed}/{split}/{step}")
+    return [reward.make_prompt(reward.CATEGORIES[rng.randrange(len(reward.CATEGORIES))], rng, split)
+            for _ in range(n)]
+
+
+def sft_batch(cfg: Config, step: int):
+    """Synthetic (prompt, plan, image) triples: a random valid layout, its canonical plan, its render."""
+    prompts = train_prompts(cfg, step, cfg.sft_batch, split="train")
+    rng = random.Random(f"{cfg.seed}/sft-layout/{step}")
+    layouts = [reward.random_layout(p, rng) for p in prompts]
+    return prompts, [reward.plan_text(l) for l in layouts], reward.render_batch(layouts).to(cfg.device)
+
+
+def sft(policy, cfg: Config, cache_dir: Path, log) -> float:
+    """SFT warm-up (both experts, Bagel's losses), cached by its settings so RL can be rerun alone."""
+    if cfg.sft_steps == 0:
+        return 0.0
+    key = hashlib.sha1(json.dumps([cfg.model, cfg.seed, cfg.sft_steps, cfg.sft_batch, cfg.sft_lr]).encode())
+    path = cache_dir / f"sft-{key.hexdigest()[:12]}.pt"
+    if path.exists():
+        policy.load_state_dict(load_checkpoint(path)["policy"])
+        log(f"SFT: loaded cached checkpoint {path}")
+        return 0.0
+    t0 = time.time()
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    policy.train()
+    for step in (bar := tqdm(range(cfg.sft_steps), desc="SFT", dynamic_ncols=True, disable=None)):
+        prompts, plans, images = sft_batch(cfg, step)
+        loss, stats = unigrpo.sft_loss(policy, prompts, plans, images, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(ce=f"{stats['sft_ce']:.3f}", mse=f"{stats['sft_mse']:.4f}")
+    policy.eval()
+    atomic_save({"policy": policy.state_dict()}, path)
+    return time.time() - t0
+
+
+@torch.no_grad()
+def evaluate(policy, cfg: Config, n_per_category: int):
+    """Held-out prompts, one reasoning chain each, ODE images: TA score, GenEval-style accuracy, plan validity."""
+    prompts = reward.prompts("eval", n_per_category, seed=cfg.seed + 12345)
+    g = torch.Generator().manual_seed(cfg.seed + 777)
+    texts, images = [], []
+    for i in range(0, len(prompts), 256):
+        th, _, img = unigrpo.generate(policy, prompts[i:i + 256], cfg, g, temperature=cfg.eval_temperature,
+                                      num_steps=cfg.eval_steps)
+        texts += th.texts
+        images.append(img)
+    images = torch.cat(images)
+    result = reward.summarize(reward.score_images(images, prompts), prompts)
+    plans = reward.summarize(reward.score_plans(texts, prompts), prompts)
+    result.update({k.replace("accuracy", "plan_validity"): v for k, v in plans.items() if k.startswith("accuracy")})
+    return result, prompts, texts, images
+
+
+# ----------------------------------------------------------------------------------- checkpoints, logging
+def atomic_save(obj, path: Path):
+    """Write to a temp file in the same folder, fsync, then rename: a kill never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise RuntimeError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+                           f"delete it to start over") from None
+
+
+def save_state(path, step, policy, ref, opt, gen, cfg):
+    atomic_save({"step": step, "policy": policy.state_dict(), "ref": ref.state_dict() if ref else None,
+                 "opt": opt.state_dict(), "gen": gen.get_state(), "config": dataclasses.asdict(cfg)}, path)
+
+
+def log_jsonl(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: Path, step: int):
+    """On resume, drop metrics logged after the checkpoint so the file reads as one uninterrupted run."""
+    if path.exists():
+        keep = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", -1) < step]
+        path.write_text("".join(l + "\n" for l in keep))
+
+
+def save_grid(path: Path, prompts, texts, images, scores, title: str, n=12):
+    """A PNG of the fixed evaluation set: image, prompt, reasoning, verdict."""
+    from PIL import Image, ImageDraw
+    cell_w, img_px = 300, 96
+    canvas = Image.new("RGB", (cell_w * 3, 20 + (n // 3) * (img_px + 52)), "white")
+    d = ImageDraw.Draw(canvas)
+    d.text((4, 4), title, fill="black")
+    for i in range(min(n, len(prompts))):
+        x, y = (i % 3) * cell_w, 20 + (i // 3) * (img_px + 52)
+        arr = (images[i].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
+        canvas.paste(Image.fromarray(arr).resize((img_px, img_px), Image.NEAREST), (x + 4, y))
+        ok = bool(scores.all_correct[i])
+        d.text((x + img_px + 8, y), ("OK " if ok else "X ") + f"{scores.points[i]:.2f}",
+               fill="green" if ok else "red")
+        d.text((x + img_px + 8, y + 14), _wrap(prompts[i].text, 28), fill="black")
+        d.text((x + 4, y + img_px + 2), _wrap(texts[i], 46), fill="gray")
+    canvas.save(path)
+
+
+def _wrap(s, w):
+    return "\n".join(s[i:i + w] for i in range(0, min(len(s), 3 * w), w))
+
+
+def plot_curve(path: Path, metrics_path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["reward_mean"] for r in rows], lw=0.8, label="train reward (mean exam points)")
+    k = 10
+    smooth = [sum(r["reward_mean"] for r in rows[max(0, i - k + 1):i + 1]) / len(rows[max(0, i - k + 1):i + 1])
+              for i in range(len(rows))]
+    ax.plot(steps, smooth, lw=2, label=f"moving mean ({k})")
+    ax.set_xlabel("RL step"), ax.set_ylabel("reward"), ax.legend(), fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt, metrics = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
+    log = print
+    summary = {"config": dataclasses.asdict(cfg), "seconds": {}}
+
+    policy = build_policy(cfg)
+    reward_fn = build_reward(cfg)
+    summary["seconds"]["sft"] = sft(policy, cfg, Path(cfg.out_dir) / "sft-cache", log)
+
+    t0 = time.time()
+    before, ev_prompts, ev_texts, ev_images = evaluate(policy, cfg, cfg.eval_per_category)
+    summary["seconds"]["eval_before"] = time.time() - t0
+    save_grid(run_dir / "grid_before.png", ev_prompts[::cfg.eval_per_category // 2 or 1], ev_texts[::cfg.eval_per_category // 2 or 1],
+              ev_images[::cfg.eval_per_category // 2 or 1], reward.score_images(ev_images, ev_prompts), "before RL")
+    log(f"before RL: TA {before['ta']:.3f}  accuracy {before['accuracy']:.3f}  plan validity {before['plan_validity']:.3f}")
+
+    ref = unigrpo.reference_copy(policy)
+    opt = unigrpo.make_optimizer(policy, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    start = 0
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt)
+        policy.load_state_dict(state["policy"]), ref.load_state_dict(state["ref"])
+        opt.load_state_dict(state["opt"]), gen.set_state(state["gen"])
+        start = state["step"]
+        truncate_jsonl(metrics, start)
+        log(f"resumed from {ckpt} at RL step {start}")
+    elif metrics.exists():
+        metrics.unlink()
+
+    t0 = time.time()
+    for step in (bar := tqdm(range(start, cfg.rl_steps), desc="UniGRPO", dynamic_ncols=True, disable=None)):
+        ts = time.time()
+        prompts = train_prompts(cfg, step, cfg.prompts_per_step)
+        ro = unigrpo.rollout(policy, prompts, reward_fn, cfg, gen)
+        stats = unigrpo.update(policy, ref, opt, ro, cfg, gen)
+        record = {"step": step, **unigrpo.rollout_stats(ro, cfg.group_size), **stats, "step_time": time.time() - ts}
+        log_jsonl(metrics, record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.rl_steps:
+            save_state(ckpt, step + 1, policy, ref, opt, gen, cfg)
+    summary["seconds"]["rl"] = time.time() - t0
+
+    t0 = time.time()
+    after, ev_prompts, ev_texts, ev_images = evaluate(policy, cfg, cfg.eval_per_category)
+    summary["seconds"]["eval_after"] = time.time() - t0
+    save_grid(run_dir / "grid_after.png", ev_prompts[::cfg.eval_per_category // 2 or 1], ev_texts[::cfg.eval_per_category // 2 or 1],
+              ev_images[::cfg.eval_per_category // 2 or 1], reward.score_images(ev_images, ev_prompts), "after RL")
+    if metrics.exists() and metrics.stat().st_size:
+        plot_curve(run_dir / "reward_curve.png", metrics)
+    summary.update(before=before, after=after)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"after RL:  TA {after['ta']:.3f}  accuracy {after['accuracy']:.3f}  plan validity {after['plan_validity']:.3f}")
+    log(f"artifacts in {run_dir}/")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
