@@ -127,16 +127,19 @@ def sft(policy, cfg: Config, cache_dir: Path, log) -> float:
     """SFT warm-up (both experts, Bagel's losses), cached by its settings so RL can be rerun alone."""
     if cfg.sft_steps == 0:
         return 0.0
-    key = hashlib.sha1(json.dumps([cfg.model, cfg.seed, cfg.sft_steps, cfg.sft_batch, cfg.sft_lr]).encode())
+    key = hashlib.sha1(json.dumps([cfg.model, cfg.seed, cfg.sft_steps, cfg.sft_batch, cfg.sft_lr, cfg.sft_ema]).encode())
     path = cache_dir / f"sft-{key.hexdigest()[:12]}.pt"
     if path.exists():
-        policy.load_state_dict(load_checkpoint(path)["policy"])
-        log(f"SFT: loaded cached checkpoint {path}")
+        state = load_checkpoint(path)
+        policy.load_state_dict(state["policy"])
+        log(f"SFT: loaded cached checkpoint {path} (trained in {state.get('seconds', float('nan')):.0f} s)")
         return 0.0
     t0 = time.time()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
     g = torch.Generator().manual_seed(cfg.seed + 1)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
     policy.train()
     for step in (bar := tqdm(range(cfg.sft_steps), desc="SFT", dynamic_ncols=True, disable=None)):
         prompts, plans, images = sft_batch(cfg, step)
@@ -146,11 +149,16 @@ def sft(policy, cfg: Config, cache_dir: Path, log) -> float:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         sched.step()
+        if cfg.sft_ema:
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - cfg.sft_ema)
         if step % 50 == 0:
             bar.set_postfix(ce=f"{stats['sft_ce']:.3f}", mse=f"{stats['sft_mse']:.4f}")
+    if cfg.sft_ema:  # the EMA weights are the SFT policy (sharper samples after a short run)
+        torch._foreach_copy_([p.data for p in params], ema)
     policy.eval()
-    atomic_save({"policy": policy.state_dict()}, path)
-    return time.time() - t0
+    seconds = time.time() - t0
+    atomic_save({"policy": policy.state_dict(), "seconds": seconds, "steps": cfg.sft_steps}, path)
+    return seconds
 
 
 @torch.no_grad()
@@ -208,19 +216,21 @@ def truncate_jsonl(path: Path, step: int):
         path.write_text("".join(l + "\n" for l in keep))
 
 
-def save_grid(path: Path, prompts, texts, images, scores, title: str, n=12):
-    """A PNG of the fixed evaluation set: image, prompt, reasoning, verdict."""
+def save_grid(path: Path, prompts, texts, images, per_category: int, title: str, per_row=3):
+    """A PNG of a fixed slice of the evaluation set (two prompts per category): image, prompt, reasoning, verdict."""
     from PIL import Image, ImageDraw
-    cell_w, img_px = 300, 96
-    canvas = Image.new("RGB", (cell_w * 3, 20 + (n // 3) * (img_px + 52)), "white")
+    pick = [i for c in range(len(prompts) // per_category) for i in (c * per_category, c * per_category + 1)]
+    scores = reward.score_images(images[pick], [prompts[i] for i in pick])
+    cell_w, img_px, rows = 300, 96, -(-len(pick) // per_row)
+    canvas = Image.new("RGB", (cell_w * per_row, 20 + rows * (img_px + 52)), "white")
     d = ImageDraw.Draw(canvas)
     d.text((4, 4), title, fill="black")
-    for i in range(min(n, len(prompts))):
-        x, y = (i % 3) * cell_w, 20 + (i // 3) * (img_px + 52)
+    for j, i in enumerate(pick):
+        x, y = (j % per_row) * cell_w, 20 + (j // per_row) * (img_px + 52)
         arr = (images[i].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
         canvas.paste(Image.fromarray(arr).resize((img_px, img_px), Image.NEAREST), (x + 4, y))
-        ok = bool(scores.all_correct[i])
-        d.text((x + img_px + 8, y), ("OK " if ok else "X ") + f"{scores.points[i]:.2f}",
+        ok = bool(scores.all_correct[j])
+        d.text((x + img_px + 8, y), ("OK " if ok else "X ") + f"{scores.points[j]:.2f}",
                fill="green" if ok else "red")
         d.text((x + img_px + 8, y + 14), _wrap(prompts[i].text, 28), fill="black")
         d.text((x + 4, y + img_px + 2), _wrap(texts[i], 46), fill="gray")
@@ -265,8 +275,7 @@ def main(argv=None):
     t0 = time.time()
     before, ev_prompts, ev_texts, ev_images = evaluate(policy, cfg, cfg.eval_per_category)
     summary["seconds"]["eval_before"] = time.time() - t0
-    save_grid(run_dir / "grid_before.png", ev_prompts[::cfg.eval_per_category // 2 or 1], ev_texts[::cfg.eval_per_category // 2 or 1],
-              ev_images[::cfg.eval_per_category // 2 or 1], reward.score_images(ev_images, ev_prompts), "before RL")
+    save_grid(run_dir / "grid_before.png", ev_prompts, ev_texts, ev_images, cfg.eval_per_category, "before RL")
     log(f"before RL: TA {before['ta']:.3f}  accuracy {before['accuracy']:.3f}  plan validity {before['plan_validity']:.3f}")
 
     ref = unigrpo.reference_copy(policy)
@@ -299,8 +308,7 @@ def main(argv=None):
     t0 = time.time()
     after, ev_prompts, ev_texts, ev_images = evaluate(policy, cfg, cfg.eval_per_category)
     summary["seconds"]["eval_after"] = time.time() - t0
-    save_grid(run_dir / "grid_after.png", ev_prompts[::cfg.eval_per_category // 2 or 1], ev_texts[::cfg.eval_per_category // 2 or 1],
-              ev_images[::cfg.eval_per_category // 2 or 1], reward.score_images(ev_images, ev_prompts), "after RL")
+    save_grid(run_dir / "grid_after.png", ev_prompts, ev_texts, ev_images, cfg.eval_per_category, "after RL")
     if metrics.exists() and metrics.stat().st_size:
         plot_curve(run_dir / "reward_curve.png", metrics)
     summary.update(before=before, after=after)

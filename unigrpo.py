@@ -85,6 +85,7 @@ class Config:
     sft_steps: int = 0
     sft_batch: int = 64
     sft_lr: float = 1e-3
+    sft_ema: float = 0.0                 # EMA decay of the SFT weights (0 = off)
     rl_steps: int = 100
     eval_every: int = 0
     eval_per_category: int = 256

@@ -51,9 +51,15 @@ def test_text_and_image_actions_share_the_trajectory_advantage(toy_policy, monke
     ro = unigrpo.rollout(toy_policy, prompts, lambda imgs, ps: rewards[:len(ps)], cfg, g)
     torch.testing.assert_close(ro.advantages, losses.group_advantages(rewards, cfg.group_size))
     seen = {}
-    real_text, real_flow = losses.text_grpo_loss, losses.flow_grpo_loss
-    monkeypatch.setattr(losses, "text_grpo_loss", lambda *a, **k: seen.setdefault("text", a[2]) is not None and real_text(*a, **k))
-    monkeypatch.setattr(losses, "flow_grpo_loss", lambda *a, **k: seen.setdefault("flow", a[1]) is not None and real_flow(*a, **k))
+
+    def spy(name, real, position):
+        def wrapped(*args, **kwargs):
+            seen[name] = args[position]
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(losses, "text_grpo_loss", spy("text", losses.text_grpo_loss, 2))
+    monkeypatch.setattr(losses, "flow_grpo_loss", spy("flow", losses.flow_grpo_loss, 1))
     idx = torch.tensor([5, 0, 3])
     ref = unigrpo.reference_copy(toy_policy)
     unigrpo.unified_objective(toy_policy, ref, ro, idx, cfg)
