@@ -37,8 +37,8 @@ PRESETS = {
                 sft_steps=3000, sft_batch=64, sft_lr=1e-3, rl_steps=150, ckpt_every=10,
                 eval_per_category=256, eval_steps=20),
     # The paper's setting (BAGEL-7B-MoT, 1024 px); the defaults of Config are the paper's numbers.
-    "bagel": dict(name="bagel", dtype="bfloat16", device="cuda", image_hw=(1024, 1024), rl_steps=1000,
-                  eval_per_category=0),
+    "bagel": dict(name="bagel", model="", dtype="bfloat16", device="cuda", image_hw=(1024, 1024),
+                  rl_steps=1000, eval_per_category=0),
 }
 
 
@@ -69,6 +69,9 @@ def parse_args(argv) -> tuple[Config, bool]:
         raise SystemExit("error: choose a preset: --toy or --bagel")
     cfg = dataclasses.replace(Config(), **PRESETS[preset])
     cfg = dataclasses.replace(cfg, **overrides)
+    if cfg.model != "toy" and not (cfg.model and Path(cfg.model).is_dir()):
+        raise SystemExit(f"error: --model={cfg.model!r} is not a folder: --bagel needs "
+                         f"--model=/path/to/BAGEL-7B-MoT (the official checkpoint layout)")
     try:
         return cfg.validate(), resume
     except ValueError as e:
@@ -259,9 +262,21 @@ def plot_curve(path: Path, metrics_path: Path):
 
 
 # ------------------------------------------------------------------------------------------------- main
+def evaluate_stage(policy, cfg: Config, run_dir: Path, stage: str, summary: dict, log):
+    """Held-out evaluation of one stage ("before" / "after" RL): scores into summary, a PNG grid, one log line."""
+    if cfg.eval_per_category == 0:
+        return
+    t0 = time.time()
+    result, prompts, texts, images = evaluate(policy, cfg, cfg.eval_per_category)
+    summary["seconds"][f"eval_{stage}"] = time.time() - t0
+    summary[stage] = result
+    save_grid(run_dir / f"grid_{stage}.png", prompts, texts, images, cfg.eval_per_category, f"{stage} RL")
+    log(f"{stage:>6} RL: TA {result['ta']:.3f}  accuracy {result['accuracy']:.3f}  "
+        f"plan validity {result['plan_validity']:.3f}  ({len(prompts)} held-out prompts)")
+
+
 def main(argv=None):
     cfg, resume = parse_args(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run_dir = Path(cfg.out_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, metrics = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
@@ -271,12 +286,7 @@ def main(argv=None):
     policy = build_policy(cfg)
     reward_fn = build_reward(cfg)
     summary["seconds"]["sft"] = sft(policy, cfg, Path(cfg.out_dir) / "sft-cache", log)
-
-    t0 = time.time()
-    before, ev_prompts, ev_texts, ev_images = evaluate(policy, cfg, cfg.eval_per_category)
-    summary["seconds"]["eval_before"] = time.time() - t0
-    save_grid(run_dir / "grid_before.png", ev_prompts, ev_texts, ev_images, cfg.eval_per_category, "before RL")
-    log(f"before RL: TA {before['ta']:.3f}  accuracy {before['accuracy']:.3f}  plan validity {before['plan_validity']:.3f}")
+    evaluate_stage(policy, cfg, run_dir, "before", summary, log)
 
     ref = unigrpo.reference_copy(policy)
     opt = unigrpo.make_optimizer(policy, cfg)
@@ -305,15 +315,10 @@ def main(argv=None):
             save_state(ckpt, step + 1, policy, ref, opt, gen, cfg)
     summary["seconds"]["rl"] = time.time() - t0
 
-    t0 = time.time()
-    after, ev_prompts, ev_texts, ev_images = evaluate(policy, cfg, cfg.eval_per_category)
-    summary["seconds"]["eval_after"] = time.time() - t0
-    save_grid(run_dir / "grid_after.png", ev_prompts, ev_texts, ev_images, cfg.eval_per_category, "after RL")
+    evaluate_stage(policy, cfg, run_dir, "after", summary, log)
     if metrics.exists() and metrics.stat().st_size:
         plot_curve(run_dir / "reward_curve.png", metrics)
-    summary.update(before=before, after=after)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    log(f"after RL:  TA {after['ta']:.3f}  accuracy {after['accuracy']:.3f}  plan validity {after['plan_validity']:.3f}")
     log(f"artifacts in {run_dir}/")
     return summary
 

@@ -68,6 +68,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, monkeypatch):
     (["--toy", "--group_size=1"], "group_size"),
     (["--toy", "--window_start=0,9"], "window"),
     (["--toy", "--lam=abc"], "lam"),
+    (["--bagel"], "--bagel needs --model"),
 ])
 def test_bad_command_lines_fail_clearly(argv, message):
     with pytest.raises(SystemExit, match=message):
