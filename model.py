@@ -29,8 +29,9 @@ Deviations / borrowed defaults
        a. codec="pixels" (bagel: "flux"): latent = the [-1, 1] image itself, C = 3, downsample 1.
        b. prediction="x0" (bagel: "velocity"): llm2vae gives x0_hat, returned as v = (x_t - x0_hat)/max(t, t_min)
           (JiT-style; a hidden size below the patch dim cannot pass the noise through a velocity head).
-       c. ground_token_ids (bagel: ()): token k (cell k = row*w + col of the default grid) gets
-          + latent_pos_embed[row*max_latent_size + col] added to its input embedding (toy_feasibility Part 2).
+       c. ground_token_ids (bagel: ()): each such token, placed in cell k = row*w + col of the default grid
+          (ground_token_cells[i], or k = i when that is empty), gets + latent_pos_embed[row*max_latent_size + col]
+          added to its input embedding (toy_feasibility Part 2: without it the image ignores positions).
     6. from_config initialises like Qwen2 (normal 0.02, zero biases, unit norms), experts drawn independently,
        llm2vae zero (Bagel's from-scratch choice); the FLUX VAE is loaded lazily at the first encode/decode.
 """
@@ -95,11 +96,14 @@ class BagelConfig:
     prediction: str = "velocity"          # or "x0" (toy, deviation 5b)
     t_min: float = 0.05
     ground_token_ids: tuple = ()          # toy, deviation 5c
+    ground_token_cells: tuple = ()        # cell of each ground token; () = token i in cell i
 
     def __post_init__(self):
         side = self.max_latent_size * self.stride
         self.image_hw = tuple(self.image_hw) if self.image_hw is not None else (side, side)
         self.ground_token_ids = tuple(int(i) for i in self.ground_token_ids)
+        self.ground_token_cells = tuple(int(k) for k in self.ground_token_cells) or tuple(
+            range(len(self.ground_token_ids)))
         if self.pad_id is None:
             self.pad_id = 151643 if self.vocab_size > 151643 else 0
         for name in ("pad_id", "im_start_id", "im_end_id", "vision_start_id", "vision_end_id"):
@@ -114,9 +118,11 @@ class BagelConfig:
             if not ok:
                 raise ValueError(f"BagelConfig.{name}={getattr(self, name)!r} is invalid")
         h, w = self.grid(self.image_hw, "image_hw")
-        if len(self.ground_token_ids) > h * w:
-            raise ValueError(f"ground_token_ids has {len(self.ground_token_ids)} ids, the default grid only "
-                             f"{h * w} cells")
+        if len(self.ground_token_cells) != len(self.ground_token_ids):
+            raise ValueError(f"ground_token_cells has {len(self.ground_token_cells)} entries, ground_token_ids "
+                             f"{len(self.ground_token_ids)}")
+        if any(not 0 <= k < h * w for k in self.ground_token_cells):
+            raise ValueError(f"ground_token_cells: cells must lie in the default grid of {h * w} cells")
 
     head_dim = property(lambda self: self.hidden_size // self.num_attention_heads)
     patch_dim = property(lambda self: self.latent_patch_size ** 2 * self.latent_channels)   # D
@@ -138,7 +144,8 @@ class BagelConfig:
     @classmethod
     def toy(cls, vocab_size, *, ground_words=(), **overrides) -> BagelConfig:
         """Tiny MoT for the toy world. vocab_size: an int or a WordTokenizer (vocab and special ids from it);
-        ground_words: words of the tokenizer that become ground_token_ids, one per grid cell, row-major."""
+        ground_words: words of the tokenizer that become ground_token_ids: either one word per grid cell,
+        row-major, or (word, cell) pairs (several words may share a cell)."""
         kw = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, rope_theta=1e4, max_position_embeddings=4096, pad_id=0, im_start_id=1,
                   im_end_id=2, vision_start_id=3, vision_end_id=4, think_system_prompt=None, codec="pixels",
@@ -150,7 +157,9 @@ class BagelConfig:
             kw["vocab_size"] = vocab_size
         else:
             tok = vocab_size
-            kw.update(vocab_size=tok.vocab_size, ground_token_ids=tuple(tok.encode(" ".join(ground_words))),
+            pairs = [(w, k) if isinstance(w, str) else tuple(w) for k, w in enumerate(ground_words)]
+            kw.update(vocab_size=tok.vocab_size, ground_token_ids=tuple(tok.encode(" ".join(w for w, _ in pairs))),
+                      ground_token_cells=tuple(int(k) for _, k in pairs),
                       **{r: getattr(tok, r) for r in ("pad_id", "im_start_id", "im_end_id", "vision_start_id",
                                                       "vision_end_id")})
         return cls(**{**kw, **overrides})
@@ -407,7 +416,7 @@ class BagelMoT(nn.Module):
         if self.cfg.ground_token_ids:
             table = torch.tensor(self.cfg.ground_token_ids, device=ids.device)
             hit = ids[..., None] == table
-            cell = hit.long().argmax(-1)
+            cell = torch.tensor(self.cfg.ground_token_cells, device=ids.device)[hit.long().argmax(-1)]
             w = self.cfg.grid(self.cfg.image_hw)[1]
             pos = (cell // w) * self.cfg.max_latent_size + cell % w
             e = e + hit.any(-1, keepdim=True) * self.latent_pos_embed.pos_embed[pos]

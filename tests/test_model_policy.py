@@ -303,6 +303,22 @@ def test_grounding_embeddings(toy, tok):
     assert torch.equal(e[0, -1], plain[0, -1])
 
 
+def test_grounding_with_explicit_cells(tok):
+    """(word, cell) pairs: several tokens may share a cell; each gets that cell's latent position embedding."""
+    pairs = [("red", 5), ("blue", 5), ("two", 15)]
+    cfg = M.BagelConfig.toy(tok, ground_words=pairs, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    assert cfg.ground_token_cells == (5, 5, 15)
+    model = M.Policy.from_config(cfg, tok).model
+    ids = torch.tensor([tok.encode("blue two red circle")])
+    e = model.embed_text(ids) - model.language_model.model.embed_tokens(ids)
+    table, side = model.latent_pos_embed.pos_embed, cfg.max_latent_size
+    for j, k in enumerate([5, 15, 5]):
+        torch.testing.assert_close(e[0, j], table[(k // 4) * side + k % 4])
+    assert not e[0, 3].any()
+    with pytest.raises(ValueError, match="ground_token_cells"):
+        M.BagelConfig.toy(tok, ground_words=[("red", 16)])
+
+
 def test_pixel_codec_and_sizes(toy):
     img = torch.rand(2, 3, 32, 32) * 2 - 1
     x_0 = toy.encode(img)
