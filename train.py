@@ -130,7 +130,10 @@ def sft(policy, cfg: Config, cache_dir: Path, log) -> float:
     """SFT warm-up (both experts, Bagel's losses), cached by its settings so RL can be rerun alone."""
     if cfg.sft_steps == 0:
         return 0.0
-    key = hashlib.sha1(json.dumps([cfg.model, cfg.seed, cfg.sft_steps, cfg.sft_batch, cfg.sft_lr, cfg.sft_ema]).encode())
+    # Keyed by everything the SFT weights depend on: the model's config (vocabulary included) and SFT settings.
+    what = [policy.cfg.to_json(), getattr(policy.tokenizer, "vocab", None), cfg.seed, cfg.sft_steps,
+            cfg.sft_batch, cfg.sft_lr, cfg.sft_ema]
+    key = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode())
     path = cache_dir / f"sft-{key.hexdigest()[:12]}.pt"
     if path.exists():
         state = load_checkpoint(path)

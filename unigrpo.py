@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -128,7 +127,8 @@ def _texts(prompts) -> list[str]:
 
 
 def uncond_thoughts(policy, n_rows: int):
-    """The text-unconditional context for CFG: an empty prompt and no reasoning (Bagel's cfg_text_precontext)."""
+    """The text-unconditional input for CFG: an empty prompt chunk and no reasoning. (Bagel's cfg_text_precontext
+    omits the chunk; an empty one keeps rollout and train_forward on the same layout.)"""
     return policy.think([""] * n_rows, n=1, max_new_tokens=0)
 
 
