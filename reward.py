@@ -5,9 +5,8 @@ the cell's top-left corner (so neighbouring objects never touch): a circle, squa
 blue or yellow (pure RGB corners, so thresholding each channel at 0.5 recovers the colour exactly). Prompts come
 in GenEval's six categories and a share of them needs reasoning: counts as sums ("one plus two red circles"),
 colours by reference ("a circle colour_of blood"), relations by paraphrase ("a blue square with a red circle
-on_its_left"). The reasoning writes a canonical plan, one token `<colour>_<shape>_c<k>` per object, sorted by k
-(e.g. `red_circle_c5 blue_square_c6`): one token per object so that the model's grounding, which adds cell k's
-latent position embedding to the token (model.py, toy deviation c), carries what and where at once. The verifier is
+on_its_left"). The reasoning writes a canonical plan, one chunk `<colour> <shape> c<k>` per object joined by
+` ; ` and sorted by k (the cell token comes last so that, causally, it can gather its chunk). The verifier is
 exact: channel thresholds -> colour codes, 4-connected components, shape by bounding-box fill ratio, relations
 by centroids. Plans are scored by the same exam points with objects at their cell centres.
 
@@ -92,11 +91,12 @@ RELATIONS = ("left_of", "right_of", "above", "below")
 PARAPHRASES = {"left_of": "on_its_left", "right_of": "on_its_right", "above": "above_it", "below": "below_it"}
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 SPLITS = ("train", "eval")
+SEP = ";"
 UNKNOWN = "unknown"
 
 _REFERENCE_OF = {c: r for r, c in REFERENCES.items()}
 _CODE_COLOUR = {r * 4 + g * 2 + b: name for name, (r, g, b) in COLOURS.items()}  # channel bits -> colour
-_OBJECT_TOKEN = {f"{c}_{s}_c{k}": (c, s, k) for k in range(GRID * GRID) for c in COLOURS for s in SHAPES}
+_CELL_INDEX = {f"c{k}": k for k in range(GRID * GRID)}
 
 
 # ---------------------------------------------------------------- prompts, layouts, plans
@@ -161,15 +161,14 @@ class Detected:
     area: int
 
 
-def ground_words() -> list[tuple[str, int]]:
-    """(plan token, its cell k) for every object token: the words the toy model grounds to cell k."""
-    return [(w, k) for w, (_, _, k) in _OBJECT_TOKEN.items()]
+def cell_tokens() -> list[str]:
+    return list(_CELL_INDEX)
 
 
 def vocabulary() -> list[str]:
-    """Every word a prompt or a plan can contain (31 prompt words + 192 object tokens), in a fixed order."""
-    return ["a", "and", "plus", "with", "colour_of", *COLOURS, *SHAPES, *PLURAL.values(), *NUMBERS,
-            *REFERENCES, *RELATIONS, *PARAPHRASES.values(), *_OBJECT_TOKEN]
+    """Every word a prompt or a plan can contain (48), in a fixed order."""
+    return ["a", "and", "plus", "with", "colour_of", SEP, *COLOURS, *SHAPES, *PLURAL.values(), *NUMBERS,
+            *REFERENCES, *RELATIONS, *PARAPHRASES.values(), *cell_tokens()]
 
 
 def _all_keys(category: str) -> list[tuple]:
@@ -294,27 +293,34 @@ def random_layout(prompt: Prompt, rng: random.Random | int) -> list[Obj]:
 
 
 def plan_text(layout: Sequence[Obj]) -> str:
-    """Canonical plan: one token `<colour>_<shape>_c<k>` per object, sorted by k, space-separated."""
+    """Canonical plan: `<colour> <shape> c<k>` per object, sorted by k, joined by ' ; '."""
     cells = [o.cell for o in layout]
     if not layout or len(set(cells)) < len(cells):
         raise ValueError(f"layout: need >= 1 object and distinct cells, got {list(layout)}")
-    return " ".join(f"{o.colour}_{o.shape}_c{o.cell}" for o in sorted(layout, key=lambda o: o.cell))
+    return f" {SEP} ".join(f"{o.colour} {o.shape} c{o.cell}" for o in sorted(layout, key=lambda o: o.cell))
 
 
 def parse_plan(text: str) -> list[Obj] | None:
-    """Objects of a plan sorted by cell (tokens may come in any order), or None for an empty plan, a token that
-    is not an object token, or two objects in one cell."""
+    """Objects of a plan sorted by cell (chunks may come in any order), or None on bad grammar, an unknown
+    token or two objects in one cell."""
     if not isinstance(text, str):
         raise ValueError(f"text: expected str, got {type(text).__name__}")
     tokens = text.split()
-    if not tokens or any(t not in _OBJECT_TOKEN for t in tokens):
+    if len(tokens) % 4 != 3:
         return None
-    objs = [Obj(*_OBJECT_TOKEN[t]) for t in tokens]
+    objs = []
+    for i in range(0, len(tokens), 4):
+        colour, shape, cell = tokens[i:i + 3]
+        if (i + 3 < len(tokens) and tokens[i + 3] != SEP) or colour not in COLOURS or shape not in SHAPES \
+                or cell not in _CELL_INDEX:
+            return None
+        objs.append(Obj(colour, shape, _CELL_INDEX[cell]))
     if len({o.cell for o in objs}) < len(objs):
         return None
     return sorted(objs, key=lambda o: o.cell)
 
 
+# ---------------------------------------------------------------- renderer
 def _shape_masks() -> dict[str, np.ndarray]:
     yy, xx = np.mgrid[0:OBJ, 0:OBJ]
     c = (OBJ - 1) / 2

@@ -32,7 +32,7 @@ from unigrpo import Config
 PRESETS = {
     # Laptop CPU, fp32, minutes. Sizes and rates follow reference/toy_feasibility.md; see README for results.
     "toy": dict(name="toy", model="toy", image_hw=(32, 32), prompts_per_step=8, group_size=8,
-                max_think_tokens=8, num_steps=10, window_start=(0, 5), window_size=3,
+                max_think_tokens=20, num_steps=10, window_start=(0, 5), window_size=3,
                 lr_reasoning=1e-4, lr_denoising=1e-4, clip_text=0.2, clip_flow=1e-4, reg_weight=1.5e-5,
                 sft_steps=3000, sft_batch=64, sft_lr=1e-3, rl_steps=150, ckpt_every=10,
                 eval_per_category=256, eval_steps=20),
@@ -100,7 +100,7 @@ def build_policy(cfg: Config):
     torch.manual_seed(cfg.seed)
     if cfg.model == "toy":
         tok = model_lib.WordTokenizer(reward.vocabulary())
-        bcfg = model_lib.BagelConfig.toy(tok, ground_words=reward.ground_words())
+        bcfg = model_lib.BagelConfig.toy(tok, ground_words=reward.cell_tokens())
         return model_lib.Policy.from_config(bcfg, tok, seed=cfg.seed).to(cfg.device)
     return model_lib.Policy.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
 
