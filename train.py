@@ -33,8 +33,8 @@ PRESETS = {
     # Laptop CPU, fp32, minutes. Sizes and rates follow reference/toy_feasibility.md; see README for results.
     "toy": dict(name="toy", model="toy", image_hw=(32, 32), prompts_per_step=8, group_size=8,
                 max_think_tokens=20, num_steps=10, window_start=(0, 5), window_size=3,
-                lr_reasoning=1e-4, lr_denoising=1e-4, clip_text=0.2, clip_flow=1e-4, reg_weight=1.5e-5,
-                sft_steps=3000, sft_batch=64, sft_lr=1e-3, rl_steps=150, ckpt_every=10,
+                lr_reasoning=3e-5, lr_denoising=1e-4, clip_text=0.2, clip_flow=1e-4, reg_weight=1.5e-5,
+                sft_steps=1200, sft_batch=64, sft_lr=1e-3, sft_ema=0.99, rl_steps=200, ckpt_every=10,
                 eval_per_category=256, eval_steps=20),
     # The paper's setting (BAGEL-7B-MoT, 1024 px); the defaults of Config are the paper's numbers.
     "bagel": dict(name="bagel", model="", dtype="bfloat16", device="cuda", image_hw=(1024, 1024),

@@ -4,6 +4,8 @@ plus the equal-time SFT continuation control. Prints a markdown table of held-ou
     python benchmarks/toy_comparisons.py                 # all variants (~4 min each on 2 cores)
     python benchmarks/toy_comparisons.py unigrpo sft_more  # a subset, by name
     python benchmarks/toy_comparisons.py --seed=1        # extra flags go to every run
+    python benchmarks/toy_comparisons.py sft_more --sft_more_steps=800   # control length set by hand
+    python benchmarks/toy_comparisons.py --reuse         # only print the table of finished runs (and run the rest)
 
 Each run is `python train.py --toy <flags>`; the table reads runs/cmp-<name>/summary.json.
 """
@@ -28,11 +30,15 @@ VARIANTS = {
 
 
 def run(name, flags, extra):
+    done = Path("runs") / f"cmp-{name}" / "summary.json"
+    if "--reuse" in sys.argv and done.exists():   # keep finished runs; delete the folder to redo one
+        return json.loads(done.read_text())
     return train.main(["--toy", f"--name=cmp-{name}", *flags, *extra])
 
 
 def main(argv):
-    extra = [a for a in argv if a.startswith("--")]
+    more = [int(a.split("=")[1]) for a in argv if a.startswith("--sft_more_steps=")]
+    extra = [a for a in argv if a.startswith("--") and not a.startswith(("--sft_more_steps=", "--reuse"))]
     names = [a for a in argv if not a.startswith("--")] or [*VARIANTS, "sft_more"]
     results = {}
     for name in names:
@@ -43,14 +49,16 @@ def main(argv):
         # Equal-time control: continue SFT (same data stream, same optimiser) for as long as UniGRPO trained.
         base = results.get("unigrpo") or run("unigrpo", [], extra)
         cfg, _ = train.parse_args(["--toy", *extra])
-        cache = sorted((Path(cfg.out_dir) / "sft-cache").glob("sft-*.pt"), key=lambda p: p.stat().st_mtime)
-        sft_step_s = train.load_checkpoint(cache[-1])["seconds"] / cfg.sft_steps
-        more = round(base["seconds"]["rl"] / sft_step_s)
+        if more:
+            more = more[0]
+        else:  # UniGRPO's RL seconds / seconds per SFT step of the cached SFT run (time both on the same load)
+            cache = sorted((Path(cfg.out_dir) / "sft-cache").glob("sft-*.pt"), key=lambda p: p.stat().st_mtime)
+            more = round(base["seconds"]["rl"] / (train.load_checkpoint(cache[-1])["seconds"] / cfg.sft_steps))
         ctl = run("sft_more", [f"--sft_steps={cfg.sft_steps + more}", "--rl_steps=0"], extra)
         ctl["after"] = ctl["before"]
         ctl["before"] = base["before"]
         results["sft_more"] = ctl
-        print(f"sft_more: {more} extra SFT steps = {base['seconds']['rl']:.0f} s of UniGRPO")
+        print(f"sft_more: {more} extra SFT steps against {base['seconds']['rl']:.0f} s of UniGRPO")
     cats = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
     print("\n| variant | TA before -> after | accuracy before -> after | plan validity before -> after | "
           + " | ".join(f"acc {c}" for c in cats) + " | RL s |")
