@@ -516,12 +516,7 @@ class Policy(nn.Module):
     @classmethod
     def from_config(cls, cfg: BagelConfig, tokenizer, seed: int = 0) -> Policy:
         """Random init (deviation 6), fp32, deterministic in `seed`."""
-        for role in ("pad_id", "im_start_id", "im_end_id", "vision_start_id", "vision_end_id"):
-            if hasattr(tokenizer, role) and getattr(tokenizer, role) != getattr(cfg, role):
-                raise ValueError(f"tokenizer.{role}={getattr(tokenizer, role)} differs from "
-                                 f"cfg.{role}={getattr(cfg, role)}")
-        if getattr(tokenizer, "vocab_size", 0) > cfg.vocab_size:
-            raise ValueError(f"tokenizer.vocab_size={tokenizer.vocab_size} exceeds cfg.vocab_size={cfg.vocab_size}")
+        _check_tokenizer(tokenizer, cfg)
         policy = cls(cfg, tokenizer)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -570,7 +565,9 @@ class Policy(nn.Module):
                         extra[k] = s.get_tensor(k).cpu()
         model.load_state_dict(state, strict=True, assign=True)
         model.latent_pos_embed.pos_embed.requires_grad_(False)
-        policy = cls(cfg, tokenizer if tokenizer is not None else _load_tokenizer(folder), model)
+        tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(folder)
+        _check_tokenizer(tokenizer, cfg)
+        policy = cls(cfg, tokenizer, model)
         policy.extra_state, policy.source_folder = extra, folder
         return policy
 
@@ -845,6 +842,27 @@ def _weight_files(folder: Path) -> list[Path]:
                 raise FileNotFoundError(f"shard {f} listed in {index[0]} is missing")
         return files
     raise FileNotFoundError(f"missing checkpoint file: {folder / 'ema.safetensors'} (nor a *.safetensors.index.json)")
+
+
+SPECIAL_TOKENS = {"im_start_id": "<|im_start|>", "im_end_id": "<|im_end|>",
+                  "vision_start_id": "<|vision_start|>", "vision_end_id": "<|vision_end|>"}
+
+
+def _check_tokenizer(tokenizer, cfg: BagelConfig):
+    """The tokenizer must fit the embedding table and agree with the config on Bagel's special-token ids."""
+    if tokenizer is None:
+        return
+    for role, name in SPECIAL_TOKENS.items():
+        got = getattr(tokenizer, role, None)
+        if got is None and hasattr(tokenizer, "convert_tokens_to_ids"):
+            got = tokenizer.convert_tokens_to_ids(name)
+        if got is not None and got != getattr(cfg, role):
+            raise ValueError(f"tokenizer: {name} has id {got}, the checkpoint config says {role}={getattr(cfg, role)}")
+    if hasattr(tokenizer, "pad_id") and tokenizer.pad_id != cfg.pad_id:
+        raise ValueError(f"tokenizer: pad id {tokenizer.pad_id}, the config says pad_id={cfg.pad_id}")
+    n = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", 0)
+    if n > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {n} tokens, more than the model's vocab_size={cfg.vocab_size}")
 
 
 def _load_tokenizer(folder: Path):

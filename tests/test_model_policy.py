@@ -1,6 +1,7 @@
 """The Policy interface of model.py: the rollout (cached) and training (packed) paths agree before any update,
 on the toy preset and on the golden tiny BAGEL checkpoint, with ragged prompts and reasoning; plus closed forms
 of the helpers (patchify, positions, tables, masks), the toy deviations and the parameter groups."""
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -353,3 +354,13 @@ def test_thoughts_from_text_and_select(toy, tok):
     x_t = torch.randn(2, 1, *toy.latent_shape())
     out = toy.train_forward(th, x_t, torch.tensor([0.3]))
     assert torch.isfinite(out.logp).all() and (out.logp[th.mask] < 0).all()
+
+
+def test_tokenizer_must_agree_with_the_config(tok):
+    """A tokenizer whose special ids or size disagree with the checkpoint config is refused, naming the token."""
+    cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="im_end"):
+        M.Policy.from_config(dataclasses.replace(cfg, im_end_id=cfg.vision_start_id, vision_start_id=cfg.im_end_id), tok)
+    with pytest.raises(ValueError, match="vocab_size"):
+        M.Policy.from_config(dataclasses.replace(cfg, vocab_size=tok.vocab_size - 1,
+                                                 ground_token_ids=(), ground_token_cells=()), tok)
