@@ -691,7 +691,8 @@ class Policy(nn.Module):
                 tok = logits.argmax(-1)
             else:
                 probs = torch.softmax(logits / temperature, -1)
-                tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                gdev = generator.device if generator is not None else probs.device   # a CPU generator on GPU runs
+                tok = torch.multinomial(probs.to(gdev), 1, generator=generator).squeeze(1).to(probs.device)
             lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
             ids.append(torch.where(alive, tok, c.pad_id)), mask.append(alive), logp.append(torch.where(alive, lp, 0.0))
             alive = alive & (tok != c.im_end_id)

@@ -2,7 +2,8 @@
 
     python train.py --toy                      # SFT warm-up + UniGRPO on the toy world, laptop CPU
     python train.py --toy --train_parts=image  # any Config field can be overridden: --key=value
-    torchrun train.py --bagel --model=/path/to/BAGEL-7B-MoT   (multi-GPU path: see README)
+    python train.py --bagel --model=/path/to/BAGEL-7B-MoT   (loads the checkpoint; reward models, FSDP2 and
+                                                            torchrun are the road ahead: see README)
 
 The loop (main) reads as a handful of named calls; the algorithm is in unigrpo.py, the equations in
 losses.py and sampler.py, the model in model.py, the toy world and its verifier in reward.py.
@@ -210,16 +211,35 @@ def save_state(path, step, policy, ref, opt, gen, cfg):
                  "opt": opt.state_dict(), "gen": gen.get_state(), "config": dataclasses.asdict(cfg)}, path)
 
 
+def check_same_run(saved: dict, cfg: Config, path: Path):
+    """Resume only the run the checkpoint belongs to (rl_steps may grow: that extends the run)."""
+    now = dataclasses.asdict(cfg)
+    diff = {k: (saved.get(k), now[k]) for k in now if k != "rl_steps" and saved.get(k) != now[k]
+            and not (isinstance(now[k], tuple) and tuple(saved.get(k) or ()) == now[k])}
+    if diff:
+        raise SystemExit(f"error: {path} was written with another config ({diff}: saved vs now); "
+                         f"rerun with the same settings, or without --resume to start over")
+
+
 def log_jsonl(path: Path, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def truncate_jsonl(path: Path, step: int):
-    """On resume, drop metrics logged after the checkpoint so the file reads as one uninterrupted run."""
-    if path.exists():
-        keep = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", -1) < step]
-        path.write_text("".join(l + "\n" for l in keep))
+    """On resume, drop metrics logged after the checkpoint (and a line torn by the kill), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", -1) < step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
 
 
 def save_grid(path: Path, prompts, texts, images, per_category: int, title: str, per_row=3):
@@ -286,8 +306,8 @@ def main(argv=None):
     log = print
     summary = {"config": dataclasses.asdict(cfg), "seconds": {}}
 
-    policy = build_policy(cfg)
     reward_fn = build_reward(cfg)
+    policy = build_policy(cfg)
     summary["seconds"]["sft"] = sft(policy, cfg, Path(cfg.out_dir) / "sft-cache", log)
     evaluate_stage(policy, cfg, run_dir, "before", summary, log)
 
@@ -297,13 +317,15 @@ def main(argv=None):
     start = 0
     if resume and ckpt.exists():
         state = load_checkpoint(ckpt)
+        check_same_run(state["config"], cfg, ckpt)
         policy.load_state_dict(state["policy"]), ref.load_state_dict(state["ref"])
         opt.load_state_dict(state["opt"]), gen.set_state(state["gen"])
         start = state["step"]
         truncate_jsonl(metrics, start)
         log(f"resumed from {ckpt} at RL step {start}")
-    elif metrics.exists():
-        metrics.unlink()
+    else:  # a fresh run: nothing of an earlier run in this folder may be resumed into it
+        for stale in (metrics, ckpt):
+            stale.unlink(missing_ok=True)
 
     t0 = time.time()
     for step in (bar := tqdm(range(start, cfg.rl_steps), desc="UniGRPO", dynamic_ncols=True, disable=None)):

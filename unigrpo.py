@@ -21,7 +21,11 @@ Deviations / borrowed defaults (each a Config field, paper value noted there):
 - `text_kl > 0` (paper: 0) adds TRL's k3 KL to the frozen reference on reasoning tokens: our documented
   remedy when the reasoning, rewarded only through the image, drifts away from valid plans.
 - `cfg_scale != 1` (paper: 1, no CFG in training) is the ablation with guided, branched rollouts: the
-  update then recomputes the same guided velocity, so the ratio stays on-policy.
+  update then recomputes the same guided velocity (one formula, `guided_velocity`), so the ratio stays on-policy.
+- GRPO-Guard's 1/|dt| gradient reweighting (`losses.flow_grpo_loss(dt=...)`) is not applied: the paper's Eqs. 5-6
+  do not include it.
+- RatioNorm's bias term assumes Eq. 3's Gaussian log-density averaged over elements, so `ratio_norm=True` needs
+  `sde_kind="sde"` and `logprob_reduce="mean"` (checked).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import torch
 from einops import rearrange
 
 import losses
+import model as model_lib
 import sampler
 
 
@@ -44,7 +49,7 @@ class Config:
     seed: int = 0
     out_dir: str = "runs"
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"              # weights dtype for a loaded checkpoint (--bagel); the toy runs in fp32
     model: str = "toy"                   # "toy" or a folder with an official BAGEL checkpoint
     # rollout (paper: group 24, batch 32, temperature 1, 25 steps, shift 3, noise 0.8, window [0,5] x 3)
     prompts_per_step: int = 32           # B
@@ -86,23 +91,34 @@ class Config:
     sft_lr: float = 1e-3
     sft_ema: float = 0.0                 # EMA decay of the SFT weights (0 = off)
     rl_steps: int = 100
-    eval_every: int = 0
     eval_per_category: int = 256
     eval_steps: int = 20
     eval_temperature: float = 1.0
     ckpt_every: int = 10
 
     def validate(self) -> "Config":
+        """Fail at the command line, not minutes into a run."""
+        choices = {"train_parts": ("both", "text", "image"), "regulariser": ("velocity_mse", "latent_kl", "none"),
+                   "sde_kind": sampler.KINDS, "logprob_reduce": sampler.REDUCTIONS,
+                   "adv_std": ("population", "sample", "none"), "adv_scope": ("group", "batch"),
+                   "text_reduction": ("grpo", "bnpo", "dapo", "dr_grpo"),
+                   "dtype": ("float32", "bfloat16", "float16", "float64")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {', '.join(map(str, allowed))}")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: group-relative advantages need at least 2 samples")
-        if self.train_parts not in ("both", "text", "image"):
-            raise ValueError(f"train_parts={self.train_parts!r}: expected 'both', 'text' or 'image'")
-        if self.regulariser not in ("velocity_mse", "latent_kl", "none"):
-            raise ValueError(f"regulariser={self.regulariser!r}: expected 'velocity_mse', 'latent_kl' or 'none'")
+        for key in ("prompts_per_step", "ppo_epochs", "minibatches", "num_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
         lo, hi = self.window_start
         if not (0 <= lo <= hi and hi + self.window_size <= self.num_steps - 1 and self.window_size >= 1):
             raise ValueError(f"window_start={self.window_start}, window_size={self.window_size}: the SDE window "
                              f"must lie inside steps 0..{self.num_steps - 2} (the last step is never trained)")
+        if self.ratio_norm and (self.sde_kind, self.logprob_reduce) != ("sde", "mean"):
+            raise ValueError(f"ratio_norm needs sde_kind='sde' and logprob_reduce='mean' (its bias term is the "
+                             f"Gaussian one of Eq. 3 averaged over elements); got {self.sde_kind!r}, "
+                             f"{self.logprob_reduce!r}")
         if self.train_parts == "text" and not self.think:
             raise ValueError("train_parts='text' with think=False leaves nothing to train")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
@@ -148,20 +164,17 @@ def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), tempera
     R = thoughts.ids.shape[0]
     uctx = policy.context(uncond_thoughts(policy, R)) if cfg.cfg_scale != 1.0 else None
     N, D = policy.latent_shape(cfg.image_hw)
-    x_1 = torch.randn((R, N, D), generator=generator, device=generator.device).to(ctx_device(policy))
+    x_1 = torch.randn((R, N, D), generator=generator, device=generator.device).to(policy.device)
     grid = sampler.timesteps(steps, cfg.shift)
 
     def velocity_fn(x_t, t):
-        return policy.velocity(x_t, t, ctx, cfg_scale=cfg.cfg_scale, uncond=uctx, image_hw=cfg.image_hw)
+        v_u = policy.velocity(x_t, t, uctx, image_hw=cfg.image_hw) if uctx is not None else None
+        return guided_velocity(policy.velocity(x_t, t, ctx, image_hw=cfg.image_hw), v_u, cfg.cfg_scale)
 
     traj = sampler.sample(velocity_fn, x_1, grid, window, cfg.noise_level, generator=generator,
                           reduce=cfg.logprob_reduce, kind=cfg.sde_kind)
     images = (policy.decode(traj.x_0, cfg.image_hw) * 0.5 + 0.5).clamp(0, 1)
     return thoughts, traj, images
-
-
-def ctx_device(policy):
-    return next(policy.parameters()).device
 
 
 @torch.no_grad()
@@ -173,6 +186,7 @@ def rollout(policy, prompts, reward_fn, cfg: Config, generator) -> Rollout:
     rows = [p for p in prompts for _ in range(G)]
     rewards = reward_fn(images, rows).float().to(images.device)
     A = losses.group_advantages(rewards, G, std=cfg.adv_std, scope=cfg.adv_scope)
+    A = losses.clamp_advantages(A, cfg.adv_clip_max)          # once, so text and image actions share it
     return Rollout(rows, thoughts, traj, images, rewards, A)
 
 
@@ -219,9 +233,9 @@ def window_step(traj: sampler.Trajectory, idx, v, cfg: Config) -> sampler.SDESte
 
 
 def _velocities(policy, thoughts, x_t, t, uncond, cfg):
-    out = policy.train_forward(thoughts, x_t, t)
+    out = policy.train_forward(thoughts, x_t, t, image_hw=cfg.image_hw)
     if uncond is not None:
-        v_u = policy.train_forward(uncond, x_t, t).v
+        v_u = policy.train_forward(uncond, x_t, t, image_hw=cfg.image_hw).v
         out = dataclasses.replace(out, v=guided_velocity(out.v, v_u, cfg.cfg_scale))
     return out
 
@@ -232,14 +246,17 @@ def unified_objective(policy, ref, ro: Rollout, idx, cfg: Config, uncond=None):
     A = ro.advantages[idx]
     traj = ro.traj
     out = _velocities(policy, th, traj.x_t[idx], traj.t, uncond.select(idx) if uncond else None, cfg)
-    need_ref = ref is not None and (cfg.regulariser != "none" or cfg.text_kl > 0)
+    if ref is None and cfg.text_kl > 0:
+        raise ValueError("text_kl > 0 needs the frozen reference policy (ref)")
+    flow_on, text_on = cfg.train_parts in ("both", "image"), cfg.train_parts in ("both", "text")
+    need_ref = ref is not None and ((flow_on and cfg.regulariser != "none") or (text_on and cfg.text_kl > 0))
     if need_ref:
         with torch.no_grad():
             out_ref = _velocities(ref, th, traj.x_t[idx], traj.t, uncond.select(idx) if uncond else None, cfg)
     stats, zero = {}, out.v.sum() * 0.0
 
     J_text = zero
-    if cfg.train_parts in ("both", "text") and th.mask.any():
+    if text_on and th.mask.any():
         J_text = losses.text_grpo_loss(out.logp, th.logp, A, th.mask, cfg.clip_text,
                                        reduction=cfg.text_reduction,
                                        logp_ref=out_ref.logp if cfg.text_kl > 0 else None, beta=cfg.text_kl)
@@ -247,15 +264,16 @@ def unified_objective(policy, ref, ro: Rollout, idx, cfg: Config, uncond=None):
         stats["clip_frac_text"] = losses.clip_fraction(log_r_text.exp(), cfg.clip_text).item()
 
     J_flow, reg = zero, None
-    if cfg.train_parts in ("both", "image"):
+    if flow_on:
         new = window_step(traj, idx, out.v, cfg)
         log_r = losses.log_ratio(new.log_prob, traj.log_prob[idx])                   # (b, K), Eq. (4)
         if cfg.ratio_norm:
             log_r = losses.ratio_norm(log_r, new.mean, traj.mean[idx], traj.std[idx])      # Eq. (5)
-        J_flow = losses.flow_grpo_loss(log_r, A, cfg.clip_flow, adv_clip_max=cfg.adv_clip_max)   # Eq. (6)
+        J_flow = losses.flow_grpo_loss(log_r, A, cfg.clip_flow)                        # Eq. (6)
         r = log_r.detach().exp()
         stats.update(clip_frac_flow=losses.clip_fraction(r, cfg.clip_flow).item(),
-                     ratio_mean=r.mean().item(), ratio_min=r.min().item(), ratio_max=r.max().item())
+                     approx_kl_flow=losses.approx_kl(log_r.detach()).item(),
+                     **{k: float(v) for k, v in losses.ratio_summary(r).items()})
         if need_ref and cfg.regulariser == "velocity_mse":
             reg = losses.velocity_mse(out.v, out_ref.v)                                # Eq. (8)
         elif need_ref and cfg.regulariser == "latent_kl":
@@ -292,11 +310,6 @@ def update(policy, ref, optimizer, ro: Rollout, cfg: Config, generator) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ SFT warm-up
-def logit_normal_t(n, generator, device="cpu"):
-    """Bagel's training timestep: t = sigmoid(u), u ~ N(0, 1) (timestep_shift 1)."""
-    return torch.sigmoid(torch.randn(n, generator=generator, device=generator.device)).to(device)
-
-
 def sft_loss(policy, prompts, plans, images, generator):
     """Bagel's own losses on (prompt, plan, image) triples: CE on the plan + flow-matching MSE on the image.
 
@@ -305,7 +318,8 @@ def sft_loss(policy, prompts, plans, images, generator):
     thoughts = policy.thoughts_from_text(_texts(prompts), plans)
     x_0 = policy.encode(images * 2 - 1)                                   # (R, N, D)
     R = x_0.shape[0]
-    t = logit_normal_t(R, generator, x_0.device)
+    u = torch.randn(R, generator=generator, device=generator.device).to(x_0.device)   # logit-normal t
+    t = model_lib.train_timesteps(u, policy.cfg.timestep_shift)
     eps = torch.randn(x_0.shape, generator=generator, device=generator.device).to(x_0.device)
     x_t = (1 - t)[:, None, None] * x_0 + t[:, None, None] * eps
     out = policy.train_forward(thoughts, x_t[:, None], t[:, None])

@@ -60,6 +60,23 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert drop(resumed) == drop(full)
 
 
+def test_resume_refuses_another_runs_checkpoint(tmp_path):
+    args = SMOKE + [f"--out_dir={tmp_path}", "--name=r", "--rl_steps=2"]
+    train.main(args)
+    with pytest.raises(SystemExit, match="another config"):
+        train.main(args + ["--resume", "--group_size=2"])
+    train.main(args + ["--resume", "--rl_steps=3"])          # extending the same run is fine
+    rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [0, 1, 2]
+
+
+def test_truncate_jsonl_drops_a_torn_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "rew')
+    train.truncate_jsonl(path, 2)
+    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--toy", "--nonsense=1"], "unknown option --nonsense"),
     (["--tiny"], "unknown option --tiny"),

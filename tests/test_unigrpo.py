@@ -21,7 +21,9 @@ def small_cfg(**kw):
 
 @pytest.fixture(scope="module")
 def toy_policy():
-    return train.build_policy(small_cfg())
+    """Random, non-trivial weights (Bagel's init zeroes llm2vae, which would make every velocity path agree)."""
+    from test_model_policy import randomize
+    return randomize(train.build_policy(small_cfg()), seed=3).eval()
 
 
 def test_on_policy_ratio_is_one_before_any_update(toy_policy):
@@ -41,6 +43,19 @@ def test_on_policy_ratio_is_one_before_any_update(toy_policy):
     assert text_lr.abs().max() < 1e-4, text_lr.abs().max()
     assert flow_lr.abs().max() < 1e-4, flow_lr.abs().max()
     torch.testing.assert_close(new.mean, ro.traj.mean, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_unified_objective_is_on_policy_before_any_update(toy_policy, cfg_scale):
+    """Through the update's own code path (RatioNorm, and the guided velocity when CFG is on): r = 1, no clipping."""
+    cfg = small_cfg(cfg_scale=cfg_scale, clip_flow=1e-6)
+    g = torch.Generator().manual_seed(4)
+    ro = unigrpo.rollout(toy_policy, train.train_prompts(cfg, 4, cfg.prompts_per_step), reward.ToyReward(), cfg, g)
+    uncond = unigrpo.uncond_thoughts(toy_policy, ro.rewards.shape[0]) if cfg_scale != 1 else None
+    with torch.no_grad():
+        _, stats = unigrpo.unified_objective(toy_policy, None, ro, torch.arange(ro.rewards.shape[0]), cfg, uncond)
+    assert abs(stats["ratio_min"] - 1) < 1e-6 and abs(stats["ratio_max"] - 1) < 1e-6, stats
+    assert stats["clip_frac_flow"] == 0 and stats["clip_frac_text"] == 0
 
 
 def test_text_and_image_actions_share_the_trajectory_advantage(toy_policy, monkeypatch):
@@ -109,3 +124,9 @@ def test_config_rejects_bad_values():
         small_cfg(train_parts="vision")
     with pytest.raises(ValueError, match="regulariser"):
         small_cfg(regulariser="kl")
+    with pytest.raises(ValueError, match="sde_kind"):
+        small_cfg(sde_kind="sdee")
+    with pytest.raises(ValueError, match="ratio_norm"):
+        small_cfg(logprob_reduce="sum")
+    with pytest.raises(ValueError, match="minibatches"):
+        small_cfg(minibatches=0)
