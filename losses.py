@@ -10,7 +10,7 @@ Glossary (shape letters: B samples, G group size, T text tokens, K window steps,
   A_i         group-relative advantage (Eq. 1), shared by every token and every denoising step of sample i
   logp        log pi_theta of each reasoning token (B, T); logp_old from the rollout, logp_ref from the reference
   M           completion mask (B, T), 1 for real tokens
-  r_t         importance ratio exp(log r_t); log r_t = log p_theta(x_{t-dt}|x_t) - log p_old(...) (Eq. 4)
+  r_t         importance ratio exp(log r_t); log r_t = log p_theta(x_next|x_t) - log p_old(x_next|x_t) (Eq. 4)
   eps_clip    PPO clip half-width; the clip range is [1 - eps_clip, 1 + eps_clip_high]
   mu, mu_old  mean of the SDE transition under the current / rollout policy (from sampler.py)
   s           transition std of that step, std_dev_t * sqrt(|dt|) in FlowGRPO's notation
@@ -168,7 +168,7 @@ def text_grpo_loss(logp, logp_old, advantages, mask, clip_eps, reduction="grpo",
 
 # ----------------------------------------------------------------------------------------------- Eq. (4)
 def log_ratio(log_prob, log_prob_old):
-    """Eq. (4): log r_t = log p_theta(x_{t-dt} | x_t) - log p_theta_old(x_{t-dt} | x_t), per window step.
+    """Eq. (4): log r_t = log p_theta(x_next | x_t) - log p_theta_old(x_next | x_t), per window step.
 
     Not detached: log_prob_old comes from the rollout and carries no graph.
     """

@@ -266,6 +266,11 @@ def train_timesteps(raw: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def guided_velocity(v_c, v_u, cfg_scale):
+    """Text CFG: v = v_u + s * (v_c - v_u); v_u None (or s = 1 with v_u given) is the conditional velocity."""
+    return v_c if v_u is None else v_u + cfg_scale * (v_c - v_u)
+
+
 def _visible(mask: torch.Tensor) -> torch.Tensor:
     """Let query rows with no visible key (padding) see every key, so SDPA stays finite; outputs unused."""
     return mask | ~mask.any(dim=-1, keepdim=True)
@@ -761,8 +766,7 @@ class Policy(nn.Module):
         if cfg_scale != 1.0:
             if uncond is None:
                 raise ValueError("cfg_scale != 1 needs the unconditional context `uncond`")
-            v_u = v_of(uncond)
-            v = v_u + cfg_scale * (v - v_u)
+            v = guided_velocity(v, v_of(uncond), cfg_scale)
         return v
 
     def packed_forward(self, thoughts: Thoughts, x_t, t, image_hw=None):

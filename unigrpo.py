@@ -21,7 +21,7 @@ Deviations / borrowed defaults (each a Config field, paper value noted there):
 - `text_kl > 0` (paper: 0) adds TRL's k3 KL to the frozen reference on reasoning tokens: our documented
   remedy when the reasoning, rewarded only through the image, drifts away from valid plans.
 - `cfg_scale != 1` (paper: 1, no CFG in training) is the ablation with guided, branched rollouts: the
-  update then recomputes the same guided velocity (one formula, `guided_velocity`), so the ratio stays on-policy.
+  update then recomputes the same guided velocity (one formula, `model.guided_velocity`), so the ratio stays on-policy.
 - GRPO-Guard's 1/|dt| gradient reweighting (`losses.flow_grpo_loss(dt=...)`) is not applied: the paper's Eqs. 5-6
   do not include it.
 - RatioNorm's bias term assumes Eq. 3's Gaussian log-density averaged over elements, so `ratio_norm=True` needs
@@ -148,11 +148,6 @@ def uncond_thoughts(policy, n_rows: int):
     return policy.think([""] * n_rows, n=1, max_new_tokens=0)
 
 
-def guided_velocity(v_c, v_u, cfg_scale):
-    """Text CFG: v = v_u + s * (v_c - v_u); s = 1 is the plain conditional velocity."""
-    return v_c if v_u is None else v_u + cfg_scale * (v_c - v_u)
-
-
 @torch.no_grad()
 def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), temperature=None, num_steps=None):
     """Prompt -> Thinking -> Image for n chains per prompt. Returns (thoughts, trajectory, images in [0, 1])."""
@@ -168,8 +163,7 @@ def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), tempera
     grid = sampler.timesteps(steps, cfg.shift)
 
     def velocity_fn(x_t, t):
-        v_u = policy.velocity(x_t, t, uctx, image_hw=cfg.image_hw) if uctx is not None else None
-        return guided_velocity(policy.velocity(x_t, t, ctx, image_hw=cfg.image_hw), v_u, cfg.cfg_scale)
+        return policy.velocity(x_t, t, ctx, cfg_scale=cfg.cfg_scale, uncond=uctx, image_hw=cfg.image_hw)
 
     traj = sampler.sample(velocity_fn, x_1, grid, window, cfg.noise_level, generator=generator,
                           reduce=cfg.logprob_reduce, kind=cfg.sde_kind)
@@ -236,7 +230,7 @@ def _velocities(policy, thoughts, x_t, t, uncond, cfg):
     out = policy.train_forward(thoughts, x_t, t, image_hw=cfg.image_hw)
     if uncond is not None:
         v_u = policy.train_forward(uncond, x_t, t, image_hw=cfg.image_hw).v
-        out = dataclasses.replace(out, v=guided_velocity(out.v, v_u, cfg.cfg_scale))
+        out = dataclasses.replace(out, v=model_lib.guided_velocity(out.v, v_u, cfg.cfg_scale))
     return out
 
 

@@ -98,3 +98,15 @@ def trl(key):
 
 def trl_has(key):
     return has(TRL + ".safetensors", key)
+
+
+def flow_policy_term(variant, cfg, j):
+    """The official per-step policy loss recomposed from our functions (Eqs. 4-6; RatioNorm as the official code)."""
+    from losses import flow_grpo_loss, log_ratio, ratio_norm
+    chain = chain_step(j)
+    lr = log_ratio(flow_step(variant, j, "log_prob_new"), chain["log_prob_old"])
+    dt = None
+    if cfg["rationorm"]:
+        lr = ratio_norm(lr, chain["mean_new"], chain["mean_old"], transition_std(variant, j), bias="batch")
+        dt = flow_step(variant, j, "sqrt_neg_dt").mean() ** 2
+    return flow_grpo_loss(lr, chain["advantages"], cfg["clip_range"], cfg["adv_clip_max"], dt)

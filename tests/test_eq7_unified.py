@@ -53,12 +53,7 @@ def test_golden_flowgrpo_loss_as_unified(case):
     variant, cfg, j = case
     chain = G.chain_step(j)
     std = G.transition_std(variant, j)
-    lr = log_ratio(G.flow_step(variant, j, "log_prob_new"), chain["log_prob_old"])
-    dt = None
-    if cfg["rationorm"]:
-        lr = ratio_norm(lr, chain["mean_new"], chain["mean_old"], std, bias="batch")
-        dt = G.flow_step(variant, j, "sqrt_neg_dt").mean() ** 2
-    policy = flow_grpo_loss(lr, chain["advantages"], cfg["clip_range"], cfg["adv_clip_max"], dt)
+    policy = G.flow_policy_term(variant, cfg, j)
     reg = None
     if cfg["beta"] > 0:
         reg = latent_kl(chain["mean_new"], chain["mean_ref"], std, -G.flow_step(variant, j, "sqrt_neg_dt") ** 2)

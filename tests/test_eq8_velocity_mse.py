@@ -84,13 +84,7 @@ def test_golden_kl_loss(case):
                           rtol=2e-4, atol=1e-12)
 
     # loss = policy + beta * kl, with the variant's own policy term
-    lr = log_ratio(G.flow_step(variant, j, "log_prob_new"), chain["log_prob_old"])
-    step_dt = None
-    if cfg["rationorm"]:
-        lr = ratio_norm(lr, chain["mean_new"], chain["mean_old"], std, bias="batch")
-        step_dt = G.flow_step(variant, j, "sqrt_neg_dt").mean() ** 2
-    policy = flow_grpo_loss(lr, chain["advantages"], cfg["clip_range"], cfg["adv_clip_max"], step_dt)
-    loss = policy + cfg["beta"] * kl
+    loss = G.flow_policy_term(variant, cfg, j) + cfg["beta"] * kl
     assert torch.allclose(loss.reshape(1), G.flow_step(variant, j, "loss"), rtol=1e-5, atol=1e-7)
 
 
