@@ -30,8 +30,13 @@ Deviations / borrowed defaults
        b. prediction="x0" (bagel: "velocity"): llm2vae gives x0_hat, returned as v = (x_t - x0_hat)/max(t, t_min)
           (JiT-style; a hidden size below the patch dim cannot pass the noise through a velocity head).
        c. ground_token_ids (bagel: ()): each such token, placed in cell k = row*w + col of the default grid
-          (ground_token_cells[i], or k = i when that is empty), gets + latent_pos_embed[row*max_latent_size + col]
-          added to its input embedding (toy_feasibility Part 2: without it the image ignores positions).
+          (ground_token_cells[i], or k = i when that is empty), gets ground_scale * latent_pos_embed[row*
+          max_latent_size + col] added to its input embedding (toy_feasibility Part 2: without it the image
+          ignores positions). With ground_span_end_ids, the tokens after a ground token, up to the next span
+          end, get it too (GLIGEN-style: every token of a plan chunk `c5 red circle` carries its cell, so an
+          image token finds its object's colour and shape by position; the cell comes first so that this
+          stays causal). ground_scale (toy 0.1) keeps the sincos row (norm ~8) from drowning the token's own
+          embedding (norm ~0.2 at init): at 1.0 the plans' validity fell from 0.90 to 0.78.
     6. from_config initialises like Qwen2 (normal 0.02, zero biases, unit norms), experts drawn independently,
        llm2vae zero (Bagel's from-scratch choice); the FLUX VAE is loaded lazily at the first encode/decode.
 """
@@ -97,6 +102,8 @@ class BagelConfig:
     t_min: float = 0.05
     ground_token_ids: tuple = ()          # toy, deviation 5c
     ground_token_cells: tuple = ()        # cell of each ground token; () = token i in cell i
+    ground_span_end_ids: tuple = ()       # toy, 5c: () = only ground tokens are grounded; else their spans
+    ground_scale: float = 1.0             # toy, 5c: weight of the grounding term
 
     def __post_init__(self):
         side = self.max_latent_size * self.stride
@@ -104,6 +111,7 @@ class BagelConfig:
         self.ground_token_ids = tuple(int(i) for i in self.ground_token_ids)
         self.ground_token_cells = tuple(int(k) for k in self.ground_token_cells) or tuple(
             range(len(self.ground_token_ids)))
+        self.ground_span_end_ids = tuple(int(i) for i in self.ground_span_end_ids)
         if self.pad_id is None:
             self.pad_id = 151643 if self.vocab_size > 151643 else 0
         for name in ("pad_id", "im_start_id", "im_end_id", "vision_start_id", "vision_end_id"):
@@ -123,6 +131,8 @@ class BagelConfig:
                              f"{len(self.ground_token_ids)}")
         if any(not 0 <= k < h * w for k in self.ground_token_cells):
             raise ValueError(f"ground_token_cells: cells must lie in the default grid of {h * w} cells")
+        if set(self.ground_span_end_ids) & set(self.ground_token_ids):
+            raise ValueError("ground_span_end_ids and ground_token_ids must not share tokens")
 
     head_dim = property(lambda self: self.hidden_size // self.num_attention_heads)
     patch_dim = property(lambda self: self.latent_patch_size ** 2 * self.latent_channels)   # D
@@ -142,24 +152,28 @@ class BagelConfig:
         return cls(**overrides)
 
     @classmethod
-    def toy(cls, vocab_size, *, ground_words=(), **overrides) -> BagelConfig:
+    def toy(cls, vocab_size, *, ground_words=(), span_end_words=None, **overrides) -> BagelConfig:
         """Tiny MoT for the toy world. vocab_size: an int or a WordTokenizer (vocab and special ids from it);
         ground_words: words of the tokenizer that become ground_token_ids: either one word per grid cell,
-        row-major, or (word, cell) pairs (several words may share a cell)."""
+        row-major, or (word, cell) pairs (several words may share a cell). span_end_words (None: no spans):
+        words that end a ground token's span; im_start and im_end always end one (deviation 5c)."""
         kw = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, rope_theta=1e4, max_position_embeddings=4096, pad_id=0, im_start_id=1,
                   im_end_id=2, vision_start_id=3, vision_end_id=4, think_system_prompt=None, codec="pixels",
                   latent_channels=3, latent_downsample=1, latent_patch_size=8, max_latent_size=4,
-                  image_hw=(32, 32), prediction="x0")
+                  image_hw=(32, 32), prediction="x0", ground_scale=0.1)
         if isinstance(vocab_size, int):
-            if ground_words:
-                raise ValueError("ground_words needs a tokenizer as first argument (or pass ground_token_ids)")
+            if ground_words or span_end_words is not None:
+                raise ValueError("ground_words / span_end_words need a tokenizer as first argument "
+                                 "(or pass ground_token_ids)")
             kw["vocab_size"] = vocab_size
         else:
             tok = vocab_size
             pairs = [(w, k) if isinstance(w, str) else tuple(w) for k, w in enumerate(ground_words)]
             kw.update(vocab_size=tok.vocab_size, ground_token_ids=tuple(tok.encode(" ".join(w for w, _ in pairs))),
                       ground_token_cells=tuple(int(k) for _, k in pairs),
+                      ground_span_end_ids=() if span_end_words is None else
+                      (*tok.encode(" ".join(span_end_words)), tok.im_start_id, tok.im_end_id),
                       **{r: getattr(tok, r) for r in ("pad_id", "im_start_id", "im_end_id", "vision_start_id",
                                                       "vision_end_id")})
         return cls(**{**kw, **overrides})
@@ -414,17 +428,45 @@ class BagelMoT(nn.Module):
         self.vae2llm = nn.Linear(cfg.patch_dim, cfg.hidden_size)
         self.llm2vae = nn.Linear(cfg.hidden_size, cfg.patch_dim)
         self.latent_pos_embed = _PosEmbed(cfg.hidden_size, cfg.max_latent_size)
+        self._ground_cache = {}                              # deviation 5c lookup tables, per device
+        self._grid_w = cfg.grid(cfg.image_hw)[1]
 
-    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (+ the grounding term of deviation 5c for ground_token_ids)."""
+    def _ground_tables(self, device):
+        """(vocab,) cell of each token (-1: not a ground token) and (vocab,) is-span-end, built once per device."""
+        if device not in self._ground_cache:
+            c = self.cfg
+            cell = torch.full((c.vocab_size,), -1, dtype=torch.long)
+            cell[list(c.ground_token_ids)] = torch.tensor(c.ground_token_cells, dtype=torch.long)
+            end = torch.zeros(c.vocab_size, dtype=torch.bool)
+            end[list(c.ground_span_end_ids)] = True
+            self._ground_cache[device] = (cell.to(device), end.to(device))
+        return self._ground_cache[device]
+
+    def ground_cells(self, ids: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
+        """Deviation 5c: the grid cell (R, L) each text token is grounded in, -1 for none. A ground token is in
+        its cell; with ground_span_end_ids, so is every token after it up to the next span end. `carry` (R,):
+        the cell open at the end of the tokens before `ids` (KV-cached decoding feeds one token at a time)."""
+        cell_of, is_end = self._ground_tables(ids.device)
+        own = cell_of[ids]
+        if not self.cfg.ground_span_end_ids:
+            return own
+        idx = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        last_ground = torch.where(own >= 0, idx, -1).cummax(-1).values
+        last_end = torch.where(is_end[ids], idx, -1).cummax(-1).values
+        cells = torch.where(last_ground > last_end, own.gather(-1, last_ground.clamp(min=0)), -1)
+        if carry is not None:  # tokens before any ground token or span end continue the open span
+            cells = torch.where((last_ground < 0) & (last_end < 0), carry[..., None], cells)
+        return cells
+
+    def embed_text(self, ids: torch.Tensor, carry: torch.Tensor | None = None, cells: torch.Tensor | None = None):
+        """Token embeddings (+ the grounding term of deviation 5c: latent_pos_embed of the token's cell;
+        `cells` = ground_cells(ids, carry) when the caller has it already)."""
         e = self.language_model.model.embed_tokens(ids)
         if self.cfg.ground_token_ids:
-            table = torch.tensor(self.cfg.ground_token_ids, device=ids.device)
-            hit = ids[..., None] == table
-            cell = torch.tensor(self.cfg.ground_token_cells, device=ids.device)[hit.long().argmax(-1)]
-            w = self.cfg.grid(self.cfg.image_hw)[1]
-            pos = (cell // w) * self.cfg.max_latent_size + cell % w
-            e = e + hit.any(-1, keepdim=True) * self.latent_pos_embed.pos_embed[pos]
+            cell = self.ground_cells(ids, carry) if cells is None else cells
+            k = cell.clamp(min=0)
+            pos = (k // self._grid_w) * self.cfg.max_latent_size + k % self._grid_w
+            e = e + (self.cfg.ground_scale * (cell >= 0))[..., None] * self.latent_pos_embed.pos_embed[pos]
         return e
 
     def embed_latents(self, x_t, t, h, w):
@@ -486,13 +528,14 @@ class Context:
     values: list
     key_mask: torch.Tensor     # (R, L) bool, valid (non-padding) keys
     rope_next: torch.Tensor    # (R,) long
+    ground: torch.Tensor | None = None  # (R,) long, toy 5c: the grounding span still open after the context
 
     past = property(lambda self: list(zip(self.keys, self.values)))
 
     def repeat_interleave(self, n: int) -> Context:
         rep = lambda x: x.repeat_interleave(n, 0)
         return Context([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.key_mask),
-                       rep(self.rope_next))
+                       rep(self.rope_next), None if self.ground is None else rep(self.ground))
 
 
 @dataclass
@@ -665,10 +708,17 @@ class Policy(nn.Module):
         pos = past.rope_next[:, None] + torch.arange(L, device=ids.device)
         causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
         mask = torch.cat([past.key_mask[:, None, :].expand(R, L, -1), causal & valid[:, None, :]], -1)
-        h, present = self.model(self.model.embed_text(ids), None, pos, _visible(mask)[:, None], past.past)
+        cells = self.model.ground_cells(ids, past.ground) if self.cfg.ground_token_ids else None
+        h, present = self.model(self.model.embed_text(ids, cells=cells), None, pos, _visible(mask)[:, None],
+                                past.past)
+        ground = None
+        if self.cfg.ground_span_end_ids:  # the span open after the last valid token, for the next call
+            last = (valid.sum(1) - 1).clamp(min=0)[:, None]
+            ground = torch.where(valid.any(1), cells.gather(1, last)[:, 0],
+                                 past.ground if past.ground is not None else -1)
         return h, Context([torch.cat([pk, k], 2) for pk, (k, _) in zip(past.keys, present)],
                           [torch.cat([pv, v], 2) for pv, (_, v) in zip(past.values, present)],
-                          torch.cat([past.key_mask, valid], 1), past.rope_next + valid.sum(1))
+                          torch.cat([past.key_mask, valid], 1), past.rope_next + valid.sum(1), ground)
 
     @torch.no_grad()
     def think(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,

@@ -5,8 +5,9 @@ the cell's top-left corner (so neighbouring objects never touch): a circle, squa
 blue or yellow (pure RGB corners, so thresholding each channel at 0.5 recovers the colour exactly). Prompts come
 in GenEval's six categories and a share of them needs reasoning: counts as sums ("one plus two red circles"),
 colours by reference ("a circle colour_of blood"), relations by paraphrase ("a blue square with a red circle
-on_its_left"). The reasoning writes a canonical plan, one chunk `<colour> <shape> c<k>` per object joined by
-` ; ` and sorted by k (the cell token comes last so that, causally, it can gather its chunk). The verifier is
+on_its_left"). The reasoning writes a canonical plan, one chunk `c<k> <colour> <shape>` per object joined by
+` ; ` and sorted by k (the cell comes first: the toy model grounds the chunk's later tokens in that cell,
+model.py deviation 5c). The verifier is
 exact: channel thresholds -> colour codes, 4-connected components, shape by bounding-box fill ratio, relations
 by centroids. Plans are scored by the same exam points with objects at their cell centres.
 
@@ -293,11 +294,11 @@ def random_layout(prompt: Prompt, rng: random.Random | int) -> list[Obj]:
 
 
 def plan_text(layout: Sequence[Obj]) -> str:
-    """Canonical plan: `<colour> <shape> c<k>` per object, sorted by k, joined by ' ; '."""
+    """Canonical plan: `c<k> <colour> <shape>` per object, sorted by k, joined by ' ; '."""
     cells = [o.cell for o in layout]
     if not layout or len(set(cells)) < len(cells):
         raise ValueError(f"layout: need >= 1 object and distinct cells, got {list(layout)}")
-    return f" {SEP} ".join(f"{o.colour} {o.shape} c{o.cell}" for o in sorted(layout, key=lambda o: o.cell))
+    return f" {SEP} ".join(f"c{o.cell} {o.colour} {o.shape}" for o in sorted(layout, key=lambda o: o.cell))
 
 
 def parse_plan(text: str) -> list[Obj] | None:
@@ -310,7 +311,7 @@ def parse_plan(text: str) -> list[Obj] | None:
         return None
     objs = []
     for i in range(0, len(tokens), 4):
-        colour, shape, cell = tokens[i:i + 3]
+        cell, colour, shape = tokens[i:i + 3]
         if (i + 3 < len(tokens) and tokens[i + 3] != SEP) or colour not in COLOURS or shape not in SHAPES \
                 or cell not in _CELL_INDEX:
             return None
@@ -490,6 +491,22 @@ def score_plans(texts: Sequence[str], prompts: Sequence[Prompt]) -> Scores:
     _check_len(texts, "texts", prompts)
     layouts = [parse_plan(t) for t in texts]
     return _scores([None if lay is None else exam_points(lay, p) for lay, p in zip(layouts, prompts)])
+
+
+def plan_following(texts: Sequence[str], images: torch.Tensor) -> tuple[int, int]:
+    """(drawn, planned): of the objects that parsable plans ask for, how many the image draws in the planned
+    cell (centroid inside it) with the planned colour and shape. Says whether the image expert follows the
+    reasoning or only the prompt."""
+    detections = detect_batch(images)
+    if len(detections) != len(texts):
+        raise ValueError(f"texts: {len(texts)} plans but {len(detections)} images")
+    drawn = planned = 0
+    for text, found in zip(texts, detections):
+        layout = parse_plan(text) or []
+        at = {(int(d.y // CELL) * GRID + int(d.x // CELL), d.colour, d.shape) for d in found}
+        planned += len(layout)
+        drawn += sum((o.cell, o.colour, o.shape) in at for o in layout)
+    return drawn, planned
 
 
 def summarize(scores: Scores, prompts: Sequence[Prompt]) -> dict[str, float]:

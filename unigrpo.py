@@ -90,6 +90,7 @@ class Config:
     sft_batch: int = 64
     sft_lr: float = 1e-3
     sft_ema: float = 0.0                 # EMA decay of the SFT weights (0 = off)
+    sft_mse_weight: float = 1.0          # weight of the flow-matching MSE against the plan CE (Bagel: 1)
     rl_steps: int = 100
     eval_per_category: int = 256
     eval_steps: int = 20
@@ -119,6 +120,8 @@ class Config:
             raise ValueError(f"ratio_norm needs sde_kind='sde' and logprob_reduce='mean' (its bias term is the "
                              f"Gaussian one of Eq. 3 averaged over elements); got {self.sde_kind!r}, "
                              f"{self.logprob_reduce!r}")
+        if self.sft_mse_weight <= 0:
+            raise ValueError(f"sft_mse_weight={self.sft_mse_weight} must be > 0")
         if self.train_parts == "text" and not self.think:
             raise ValueError("train_parts='text' with think=False leaves nothing to train")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
@@ -304,8 +307,8 @@ def update(policy, ref, optimizer, ro: Rollout, cfg: Config, generator) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ SFT warm-up
-def sft_loss(policy, prompts, plans, images, generator):
-    """Bagel's own losses on (prompt, plan, image) triples: CE on the plan + flow-matching MSE on the image.
+def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0):
+    """Bagel's own losses on (prompt, plan, image) triples: CE on the plan + mse_weight * flow-matching MSE.
 
     images: (R, 3, H, W) in [0, 1]. One train_forward gives both, with K = 1 noisy block per sample.
     """
@@ -319,4 +322,4 @@ def sft_loss(policy, prompts, plans, images, generator):
     out = policy.train_forward(thoughts, x_t[:, None], t[:, None])
     ce = -(out.logp * thoughts.mask).sum() / thoughts.mask.sum().clamp(min=1)
     mse = ((out.v[:, 0] - (eps - x_0)) ** 2).mean()
-    return ce + mse, {"sft_ce": ce.item(), "sft_mse": mse.item()}
+    return ce + mse_weight * mse, {"sft_ce": ce.item(), "sft_mse": mse.item()}

@@ -1,7 +1,7 @@
 """The paper's comparisons on the toy world, one seed each: every RL switch from the same cached SFT policy,
 plus the equal-time SFT continuation control. Prints a markdown table of held-out scores.
 
-    python benchmarks/toy_comparisons.py                 # all variants (~4 min each on 2 cores)
+    python benchmarks/toy_comparisons.py                 # all variants (~5 min each on 2 cores)
     python benchmarks/toy_comparisons.py unigrpo sft_more  # a subset, by name
     python benchmarks/toy_comparisons.py --seed=1        # extra flags go to every run
     python benchmarks/toy_comparisons.py sft_more --sft_more_steps=800   # control length set by hand

@@ -299,8 +299,9 @@ def test_grounding_embeddings(toy, tok):
     e = toy.model.embed_text(ids)
     plain = toy.model.language_model.model.embed_tokens(ids)
     table = toy.model.latent_pos_embed.pos_embed
+    assert cfg.ground_scale == 0.1  # the toy preset's weight of the grounding term
     for k in range(len(cfg.ground_token_ids)):
-        torch.testing.assert_close(e[0, k] - plain[0, k], table[(k // w) * cfg.max_latent_size + k % w])
+        torch.testing.assert_close(e[0, k] - plain[0, k], 0.1 * table[(k // w) * cfg.max_latent_size + k % w])
     assert torch.equal(e[0, -1], plain[0, -1])
 
 
@@ -314,10 +315,60 @@ def test_grounding_with_explicit_cells(tok):
     e = model.embed_text(ids) - model.language_model.model.embed_tokens(ids)
     table, side = model.latent_pos_embed.pos_embed, cfg.max_latent_size
     for j, k in enumerate([5, 15, 5]):
-        torch.testing.assert_close(e[0, j], table[(k // 4) * side + k % 4])
+        torch.testing.assert_close(e[0, j], cfg.ground_scale * table[(k // 4) * side + k % 4])
     assert not e[0, 3].any()
     with pytest.raises(ValueError, match="ground_token_cells"):
         M.BagelConfig.toy(tok, ground_words=[("red", 16)])
+
+
+@pytest.fixture(scope="module")
+def toy_span(tok):
+    """Spans (deviation 5c): 'red' and 'blue' are cells 5 and 15; 'plus' ends a span (as do im_start/im_end)."""
+    cfg = M.BagelConfig.toy(tok, ground_words=[("red", 5), ("blue", 15)], span_end_words=["plus"],
+                            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2)
+    policy = randomize(M.Policy.from_config(cfg, tok, seed=0), seed=4).eval()
+    with torch.no_grad():
+        policy.model.language_model.lm_head.weight.mul_(0.3)
+    return policy
+
+
+def test_grounding_spans(toy_span, tok):
+    """A ground token's cell also grounds the tokens after it, up to the next span end; a new ground token
+    opens a new span; tokens before any ground token are plain."""
+    m, cfg = toy_span.model, toy_span.cfg
+    assert cfg.ground_span_end_ids == (*tok.encode("plus"), tok.im_start_id, tok.im_end_id)
+    text = "two red circle square plus one blue circle red two plus circle"
+    want = [-1, 5, 5, 5, -1, -1, 15, 15, 5, 5, -1, -1]
+    ids = torch.tensor([tok.encode(text)])
+    assert m.ground_cells(ids).tolist() == [want]
+    e = m.embed_text(ids) - m.language_model.model.embed_tokens(ids)
+    table, side = m.latent_pos_embed.pos_embed, cfg.max_latent_size
+    for j, k in enumerate(want):
+        if k < 0:
+            assert not e[0, j].any()
+        else:
+            torch.testing.assert_close(e[0, j], cfg.ground_scale * table[(k // 4) * side + k % 4])
+    # token by token with the carried open span == the whole sequence at once
+    carry, cells = torch.tensor([-1]), []
+    for j in range(ids.shape[1]):
+        c = m.ground_cells(ids[:, j:j + 1], carry)
+        cells.append(c.item())
+        carry = c[:, -1]
+    assert cells == want
+    with pytest.raises(ValueError, match="span_end_words"):
+        M.BagelConfig.toy(len(tok.vocab), span_end_words=["plus"])
+    with pytest.raises(ValueError, match="must not share"):
+        M.BagelConfig.toy(tok, ground_words=[("red", 5)], span_end_words=["red"])
+
+
+def test_agreement_toy_spans(toy_span, tok):
+    """KV-cached decoding carries the open span across calls (Context.ground): think's log-probs and the cached
+    velocities equal the packed training pass, which grounds the whole sequence at once."""
+    th = toy_span.think(["red circle", "two plus one blue square"], n=6, max_new_tokens=8, temperature=1.0,
+                        generator=torch.Generator().manual_seed(5))
+    spans = toy_span.model.ground_cells(th.ids)
+    assert ((spans >= 0) & th.mask).sum() > 4 and (spans[:, 1:] >= 0).any()   # spans open while decoding
+    _agreement(toy_span, th, toy_span.cfg.image_hw)
 
 
 def test_pixel_codec_and_sizes(toy):

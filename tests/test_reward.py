@@ -272,17 +272,17 @@ def test_plan_round_trip(world):
     assert R.parse_plan(shuffled) == R.parse_plan(R.plan_text(layouts[-1]))
 
 
-@pytest.mark.parametrize("bad", ["", "red circle", "red circle c16", "purple circle c1", "red circle 1",
-                                 "circle red c1", "red circle c1 ;", "; red circle c1", "red circle c1 blue square c2",
-                                 "red circle c1 ; blue square c1", "red circle c1 , blue square c2",
-                                 "red circle c1 ; ; blue square c2", "red circles c1", "c1 red circle"])
+@pytest.mark.parametrize("bad", ["", "c1 red", "c16 red circle", "c1 purple circle", "1 red circle",
+                                 "c1 circle red", "c1 red circle ;", "; c1 red circle", "c1 red circle c2 blue square",
+                                 "c1 red circle ; c1 blue square", "c1 red circle , c2 blue square",
+                                 "c1 red circle ; ; c2 blue square", "c1 red circles", "red circle c1"])
 def test_parse_plan_rejects(bad):
     assert R.parse_plan(bad) is None
 
 
 def test_score_plans_unparsable_is_zero_and_partial_is_fractional():
     p = R.make_prompt("colors", 1)
-    s = R.score_plans(["red circle", f"{next(c for c in R.COLOURS if c != p.groups[0].colour)} {p.groups[0].shape} c3"],
+    s = R.score_plans(["c3 red", f"c3 {next(c for c in R.COLOURS if c != p.groups[0].colour)} {p.groups[0].shape}"],
                       [p, p])
     assert s.points.tolist() == pytest.approx([0.0, 2 / 3]) and s.all_correct.tolist() == [False, False]
 
@@ -395,7 +395,7 @@ def test_value_errors():
              (lambda: R.score_images(torch.zeros(2, 3, 32, 32), [p]), "images"),
              (lambda: R.score_images(torch.zeros(1, 3, 16, 16), [p]), "images"),
              (lambda: R.detect(torch.zeros(3, 32)), "image"),
-             (lambda: R.score_plans(["red circle c1"], [p, p]), "texts"),
+             (lambda: R.score_plans(["c1 red circle"], [p, p]), "texts"),
              (lambda: R.summarize(R.Scores(torch.ones(1), torch.ones(1, dtype=torch.bool)), [p, p]), "scores"),
              (lambda: R.Obj("purple", "circle", 0), "Obj"), (lambda: R.Obj("red", "circle", 16), "Obj"),
              (lambda: R.plan_text([R.Obj("red", "circle", 1), R.Obj("blue", "square", 1)]), "layout"),
@@ -408,3 +408,21 @@ def test_value_errors():
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
             fn()
+
+
+def test_plan_following_counts_planned_objects_drawn_in_their_cell(world):
+    ps, layouts, _ = world
+    texts = [R.plan_text(l) for l in layouts]
+    n = sum(len(l) for l in layouts)
+    assert R.plan_following(texts, R.render_batch(layouts)) == (n, n)
+    # the planned object drawn one cell to the right (wrapping within its row): not where the plan put it
+    firsts = [l[0] for l in layouts]
+    shifted = [[R.Obj(o.colour, o.shape, o.cell - o.cell % 4 + (o.cell + 1) % 4)] for o in firsts]
+    assert R.plan_following([R.plan_text([o]) for o in firsts], R.render_batch(shifted)) == (0, len(firsts))
+    # right cell, wrong colour or shape: not followed; an unparsable plan plans nothing
+    one = [R.Obj("red", "circle", 5)]
+    assert R.plan_following(["c5 red circle"], R.render_batch([[R.Obj("blue", "circle", 5)]])) == (0, 1)
+    assert R.plan_following(["c5 red circle"], R.render_batch([[R.Obj("red", "square", 5)]])) == (0, 1)
+    assert R.plan_following(["c5 red"], R.render_batch([one])) == (0, 0)
+    with pytest.raises(ValueError, match="texts"):
+        R.plan_following(["c5 red circle"], R.render_batch([one, one]))

@@ -26,8 +26,10 @@ def test_toy_smoke_run_writes_every_artifact(tmp_path):
         assert key in rows[0], key
     on_disk = json.loads((run / "summary.json").read_text())
     for stage in ("before", "after"):
-        for key in ("ta", "accuracy", "plan_validity", "ta/counting", "accuracy/position", "plan_validity/colors"):
+        for key in ("ta", "accuracy", "plan_validity", "ta/counting", "accuracy/position", "plan_validity/colors",
+                    "plan_following"):
             assert key in on_disk[stage], (stage, key)
+        assert 0.0 <= on_disk[stage]["plan_following"] <= 1.0
     assert set(on_disk["seconds"]) >= {"sft", "rl", "eval_before", "eval_after"}
     assert summary["after"]["ta"] == on_disk["after"]["ta"]
 
@@ -85,6 +87,7 @@ def test_truncate_jsonl_drops_a_torn_line(tmp_path):
     (["--toy", "--group_size=1"], "group_size"),
     (["--toy", "--window_start=0,9"], "window"),
     (["--toy", "--lam=abc"], "lam"),
+    (["--toy", "--sft_mse_weight=0"], "sft_mse_weight"),
     (["--bagel"], "--bagel needs --model"),
 ])
 def test_bad_command_lines_fail_clearly(argv, message):

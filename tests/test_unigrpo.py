@@ -130,3 +130,36 @@ def test_config_rejects_bad_values():
         small_cfg(logprob_reduce="sum")
     with pytest.raises(ValueError, match="minibatches"):
         small_cfg(minibatches=0)
+
+
+def test_sft_loss_is_plan_ce_plus_weighted_flow_mse(toy_policy):
+    """SFT = CE of the plan tokens (teacher-forced on the cached text path) + w * MSE(v, eps - x_0) at the
+    logit-normal t drawn from the generator, re-derived here from forward_text and velocity()."""
+    prompts = [reward.make_prompt(c, i) for i, c in enumerate(reward.CATEGORIES[:3])]
+    layouts = [reward.random_layout(p, i) for i, p in enumerate(prompts)]
+    plans, images = [reward.plan_text(l) for l in layouts], reward.render_batch(layouts)
+    with torch.no_grad():
+        loss1, st1 = unigrpo.sft_loss(toy_policy, prompts, plans, images, torch.Generator().manual_seed(0))
+        loss3, st3 = unigrpo.sft_loss(toy_policy, prompts, plans, images, torch.Generator().manual_seed(0),
+                                      mse_weight=3.0)
+    assert st1 == st3 and loss3.item() == pytest.approx(loss1.item() + 2 * st1["sft_mse"], rel=1e-5)
+    pol, c = toy_policy, toy_policy.cfg
+    nll, n = 0.0, 0
+    for p, plan in zip(prompts, plans):
+        tail = [c.im_start_id] + pol.tokenizer.encode(plan) + [c.im_end_id]
+        ids = torch.tensor([[c.im_start_id] + pol.tokenizer.encode(p.text) + [c.im_end_id] + tail])
+        with torch.no_grad():
+            h, _ = pol.forward_text(ids, torch.ones_like(ids, dtype=torch.bool))
+            logp = torch.log_softmax(pol.model.language_model.lm_head(h[0]).float(), -1)
+        L = len(tail) - 1   # predictions of plan + im_end, from im_start onwards
+        nll -= logp[-L - 1:-1].gather(1, ids[0, -L:, None]).sum().item()
+        n += L
+    assert st1["sft_ce"] == pytest.approx(nll / n, rel=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x_0 = pol.encode(images * 2 - 1)
+    t = unigrpo.model_lib.train_timesteps(torch.randn(3, generator=g), c.timestep_shift)
+    eps = torch.randn(x_0.shape, generator=g)
+    with torch.no_grad():
+        ctx = pol.context(pol.thoughts_from_text([p.text for p in prompts], plans))
+        v = pol.velocity((1 - t)[:, None, None] * x_0 + t[:, None, None] * eps, t, ctx)
+    assert st1["sft_mse"] == pytest.approx(((v - (eps - x_0)) ** 2).mean().item(), rel=1e-4)
