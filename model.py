@@ -458,12 +458,12 @@ class BagelMoT(nn.Module):
             cells = torch.where((last_ground < 0) & (last_end < 0), carry[..., None], cells)
         return cells
 
-    def embed_text(self, ids: torch.Tensor, carry: torch.Tensor | None = None, cells: torch.Tensor | None = None):
+    def embed_text(self, ids: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (+ the grounding term of deviation 5c: latent_pos_embed of the token's cell;
-        `cells` = ground_cells(ids, carry) when the caller has it already)."""
+        `cells` = ground_cells(ids, carry) when a KV-cached caller has an open span, else computed here)."""
         e = self.language_model.model.embed_tokens(ids)
         if self.cfg.ground_token_ids:
-            cell = self.ground_cells(ids, carry) if cells is None else cells
+            cell = self.ground_cells(ids) if cells is None else cells
             k = cell.clamp(min=0)
             pos = (k // self._grid_w) * self.cfg.max_latent_size + k % self._grid_w
             e = e + (self.cfg.ground_scale * (cell >= 0))[..., None] * self.latent_pos_embed.pos_embed[pos]
