@@ -7,9 +7,9 @@ in GenEval's six categories and a share of them needs reasoning: counts as sums 
 colours by reference ("a circle colour_of blood"), relations by paraphrase ("a blue square with a red circle
 on_its_left"). The reasoning writes a canonical plan, one chunk `c<k> <colour> <shape>` per object joined by
 ` ; ` and sorted by k (the cell comes first: the toy model grounds the chunk's later tokens in that cell,
-model.py deviation 5c). The verifier is
-exact: channel thresholds -> colour codes, 4-connected components, shape by bounding-box fill ratio, relations
-by centroids. Plans are scored by the same exam points with objects at their cell centres.
+model.py deviation 5c). The verifier is exact: channel thresholds -> colour codes, 4-connected components,
+shape by bounding-box fill ratio, relations by centroids. Plans are scored by the same exam points with
+objects at their cell centres.
 
 Glossary
   R         samples in a batch;  k = row*4 + col, the cell index, token `c{k}`
