@@ -158,10 +158,10 @@ class BagelConfig:
         row-major, or (word, cell) pairs (several words may share a cell). span_end_words (None: no spans):
         words that end a ground token's span; im_start and im_end always end one (deviation 5c)."""
         kw = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, rope_theta=1e4, max_position_embeddings=4096, pad_id=0, im_start_id=1,
+                  num_key_value_heads=4, rope_theta=1e6, max_position_embeddings=4096, pad_id=0, im_start_id=1,
                   im_end_id=2, vision_start_id=3, vision_end_id=4, think_system_prompt=None, codec="pixels",
                   latent_channels=3, latent_downsample=1, latent_patch_size=8, max_latent_size=4,
-                  image_hw=(32, 32), prediction="x0", ground_scale=0.1)
+                  image_hw=(32, 32), prediction="x0", ground_scale=0.1, timestep_shift=3.0)
         if isinstance(vocab_size, int):
             if ground_words or span_end_words is not None:
                 raise ValueError("ground_words / span_end_words need a tokenizer as first argument "

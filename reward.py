@@ -293,6 +293,34 @@ def random_layout(prompt: Prompt, rng: random.Random | int) -> list[Obj]:
             return sorted(objs, key=lambda o: o.cell)
 
 
+CORRUPTIONS = ("drop", "add", "recolour", "reshape", "move")
+
+
+def corrupt_layout(layout: Sequence[Obj], rng: random.Random | int) -> list[Obj]:
+    """One random error of imperfect paired data (the toy's noisy SFT triples): drop an object (only when there
+    are >= 2), add one in a free cell, recolour one, reshape one, or move one to a free cell. Sorted by cell."""
+    rng = _as_rng(rng)
+    objs = list(layout)
+    if not objs:
+        raise ValueError("layout: need >= 1 object to corrupt")
+    kinds = [k for k in CORRUPTIONS if not (k == "drop" and len(objs) < 2)
+             and not (k in ("add", "move") and len(objs) == GRID * GRID)]
+    kind, i = rng.choice(kinds), rng.randrange(len(objs))
+    free = [k for k in range(GRID * GRID) if k not in {o.cell for o in objs}]
+    o = objs[i]
+    if kind == "drop":
+        del objs[i]
+    elif kind == "add":
+        objs.append(Obj(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(free)))
+    elif kind == "recolour":
+        objs[i] = Obj(rng.choice([c for c in COLOURS if c != o.colour]), o.shape, o.cell)
+    elif kind == "reshape":
+        objs[i] = Obj(o.colour, rng.choice([s for s in SHAPES if s != o.shape]), o.cell)
+    else:
+        objs[i] = Obj(o.colour, o.shape, rng.choice(free))
+    return sorted(objs, key=lambda o: o.cell)
+
+
 def plan_text(layout: Sequence[Obj]) -> str:
     """Canonical plan: `c<k> <colour> <shape>` per object, sorted by k, joined by ' ; '."""
     cells = [o.cell for o in layout]

@@ -123,11 +123,20 @@ def train_prompts(cfg: Config, step: int, n: int, split="train"):
 
 
 def sft_batch(cfg: Config, step: int):
-    """Synthetic (prompt, plan, image) triples: a random valid layout, its canonical plan, its render."""
+    """Synthetic (prompt, plan, image) triples: a random valid layout, its canonical plan, its render. With
+    sft_noise = p (toy), a triple's plan is wrong with probability p (one corrupt_layout error; the image still
+    draws that plan) and, independently, its image with probability p (one error against its plan)."""
     prompts = train_prompts(cfg, step, cfg.sft_batch, split="train")
     rng = random.Random(f"{cfg.seed}/sft-layout/{step}")
-    layouts = [reward.random_layout(p, rng) for p in prompts]
-    return prompts, [reward.plan_text(l) for l in layouts], reward.render_batch(layouts).to(cfg.device)
+    plans, drawn = [], []
+    for p in prompts:
+        layout = reward.random_layout(p, rng)
+        if cfg.sft_noise and rng.random() < cfg.sft_noise:
+            layout = reward.corrupt_layout(layout, rng)
+        plans.append(reward.plan_text(layout))
+        drawn.append(reward.corrupt_layout(layout, rng) if cfg.sft_noise and rng.random() < cfg.sft_noise
+                     else layout)
+    return prompts, plans, reward.render_batch(drawn).to(cfg.device)
 
 
 def sft(policy, cfg: Config, cache_dir: Path, log) -> float:

@@ -91,6 +91,7 @@ class Config:
     sft_lr: float = 1e-3
     sft_ema: float = 0.0                 # EMA decay of the SFT weights (0 = off)
     sft_mse_weight: float = 1.0          # weight of the flow-matching MSE against the plan CE (Bagel: 1)
+    sft_noise: float = 0.0               # toy: share of SFT plans, and (independently) images, with one error
     rl_steps: int = 100
     eval_per_category: int = 256
     eval_steps: int = 20
@@ -120,6 +121,8 @@ class Config:
             raise ValueError(f"ratio_norm needs sde_kind='sde' and logprob_reduce='mean' (its bias term is the "
                              f"Gaussian one of Eq. 3 averaged over elements); got {self.sde_kind!r}, "
                              f"{self.logprob_reduce!r}")
+        if not 0 <= self.sft_noise < 1:
+            raise ValueError(f"sft_noise={self.sft_noise} must be in [0, 1)")
         if self.sft_mse_weight <= 0:
             raise ValueError(f"sft_mse_weight={self.sft_mse_weight} must be > 0")
         if self.train_parts == "text" and not self.think:

@@ -80,7 +80,8 @@ def test_word_tokenizer(tok):
 
 def test_toy_preset(tok):
     cfg = M.BagelConfig.toy(tok, ground_words=["red", "blue"])
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.rope_theta) == (128, 4, 4, 1e4)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.rope_theta) == (128, 4, 4, 1e6)
+    assert cfg.timestep_shift == 3.0 and M.BagelConfig.bagel_7b().timestep_shift == 1.0
     assert (cfg.codec, cfg.prediction, cfg.latent_channels, cfg.latent_downsample) == ("pixels", "x0", 3, 1)
     assert cfg.grid(cfg.image_hw) == (4, 4) and cfg.patch_dim == 192 and cfg.max_latent_size == 4
     assert cfg.ground_token_ids == tuple(tok.encode("red blue")) and cfg.vocab_size == tok.vocab_size

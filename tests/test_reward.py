@@ -426,3 +426,44 @@ def test_plan_following_counts_planned_objects_drawn_in_their_cell(world):
     assert R.plan_following(["c5 red"], R.render_batch([one])) == (0, 0)
     with pytest.raises(ValueError, match="texts"):
         R.plan_following(["c5 red circle"], R.render_batch([one, one]))
+
+
+def test_corrupt_layout_makes_exactly_one_error_of_each_kind():
+    """Each corruption is one edit of the layout: the multiset difference has the size of its kind."""
+    rng = random.Random(0)
+    seen = Counter()
+    for i in range(600):
+        p = R.make_prompt(R.CATEGORIES[i % len(R.CATEGORIES)], rng)
+        layout = R.random_layout(p, rng)
+        bad = R.corrupt_layout(layout, rng)
+        assert [o.cell for o in bad] == sorted({o.cell for o in bad})       # sorted, distinct cells
+        before, after = Counter(layout), Counter(bad)
+        gone, new = sum((before - after).values()), sum((after - before).values())
+        kind = {(1, 0): "drop", (0, 1): "add"}.get((gone, new))
+        if kind is None:
+            assert (gone, new) == (1, 1)
+            (o,), (q,) = list(before - after), list(after - before)
+            changed = (o.colour != q.colour, o.shape != q.shape, o.cell != q.cell)
+            assert sum(changed) == 1
+            kind = ("recolour", "reshape", "move")[changed.index(True)]
+        if kind == "drop":
+            assert len(layout) >= 2                                            # never an empty scene
+        seen[kind] += 1
+    assert set(seen) == set(R.CORRUPTIONS) and min(seen.values()) > 60
+    with pytest.raises(ValueError, match="layout"):
+        R.corrupt_layout([], rng)
+
+
+def test_corrupted_layouts_lose_points_and_never_score_above_the_truth():
+    """What noisy SFT data teaches: a corrupted layout keeps at most the points of the true one, and loses
+    at least one in most cases (recolouring an unnamed colour or moving an object without a relation is free)."""
+    rng = random.Random(1)
+    lost = total = 0
+    for i in range(600):
+        p = R.make_prompt(R.CATEGORIES[i % len(R.CATEGORIES)], rng)
+        layout = R.random_layout(p, rng)
+        pts = R.exam_points(R.corrupt_layout(layout, rng), p)
+        assert sum(pts) <= sum(R.exam_points(layout, p)) == len(pts)
+        lost += sum(pts) < len(pts)
+        total += 1
+    assert 0.5 < lost / total < 1.0

@@ -88,6 +88,7 @@ def test_truncate_jsonl_drops_a_torn_line(tmp_path):
     (["--toy", "--window_start=0,9"], "window"),
     (["--toy", "--lam=abc"], "lam"),
     (["--toy", "--sft_mse_weight=0"], "sft_mse_weight"),
+    (["--toy", "--sft_noise=1"], "sft_noise"),
     (["--bagel"], "--bagel needs --model"),
 ])
 def test_bad_command_lines_fail_clearly(argv, message):
@@ -114,3 +115,24 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         train.atomic_save({"a": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(3))
+
+
+def test_sft_batch_noise_corrupts_plans_and_images_at_the_configured_rate():
+    """sft_noise = p: plans are wrong for their prompt, and images differ from their plan, each at about rate p
+    (one corrupt_layout edit; some edits are harmless to the prompt, so the plan rate is a little lower)."""
+    import reward
+    clean, _ = train.parse_args(["--toy", "--sft_batch=400"])
+    noisy, _ = train.parse_args(["--toy", "--sft_batch=400", "--sft_noise=0.3"])
+    prompts, plans, images = train.sft_batch(clean, 0)
+    assert reward.score_plans(plans, prompts).all_correct.all()
+    assert reward.score_images(images, prompts).all_correct.all()
+    prompts_n, plans_n, images_n = train.sft_batch(noisy, 0)
+    assert [p.text for p in prompts_n] == [p.text for p in prompts]
+    bad_plan = 1 - reward.score_plans(plans_n, prompts_n).all_correct.float().mean().item()
+    drawn, planned = reward.plan_following(plans_n, images_n)
+    objs = [reward.parse_plan(t) for t in plans_n]
+    image_off = sum(sorted((d.colour, d.shape, int(d.y // 8) * 4 + int(d.x // 8)) for d in det)
+                    != sorted((o.colour, o.shape, o.cell) for o in obj)
+                    for det, obj in zip(reward.detect_batch(images_n), objs)) / len(objs)
+    assert 0.15 < bad_plan < 0.3 and 0.2 < image_off < 0.4, (bad_plan, image_off)
+    assert drawn < planned
