@@ -156,7 +156,9 @@ class BagelConfig:
         """Tiny MoT for the toy world. vocab_size: an int or a WordTokenizer (vocab and special ids from it);
         ground_words: words of the tokenizer that become ground_token_ids: either one word per grid cell,
         row-major, or (word, cell) pairs (several words may share a cell). span_end_words (None: no spans):
-        words that end a ground token's span; im_start and im_end always end one (deviation 5c)."""
+        words that end a ground token's span; im_start and im_end always end one (deviation 5c).
+        rope_theta 1e6 (BAGEL-7B's) and a training timestep_shift of 3 (the inferencer's sampling shift) are plain
+        settings, not deviations: with 1e4 and 1 the image expert needed ~2x the SFT steps to follow the plan."""
         kw = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, rope_theta=1e6, max_position_embeddings=4096, pad_id=0, im_start_id=1,
                   im_end_id=2, vision_start_id=3, vision_end_id=4, think_system_prompt=None, codec="pixels",

@@ -537,6 +537,16 @@ def plan_following(texts: Sequence[str], images: torch.Tensor) -> tuple[int, int
     return drawn, planned
 
 
+def background_noise(images: torch.Tensor) -> float:
+    """Mean brightest channel over the pixels the verifier reads as black (every channel < 0.5): 0 for clean
+    renders. The reward cannot see this noise, so it measures what a regulariser has to hold back."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected (R, 3, H, W), got {tuple(images.shape)}")
+    peak = images.amax(1)
+    dark = (images < 0.5).all(1)
+    return (peak * dark).sum().item() / max(int(dark.sum()), 1)
+
+
 def summarize(scores: Scores, prompts: Sequence[Prompt]) -> dict[str, float]:
     """{"ta", "accuracy"}: means over the categories present of the per-category means, and "ta/<category>",
     "accuracy/<category>" for each category present."""

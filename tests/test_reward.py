@@ -467,3 +467,17 @@ def test_corrupted_layouts_lose_points_and_never_score_above_the_truth():
         lost += sum(pts) < len(pts)
         total += 1
     assert 0.5 < lost / total < 1.0
+
+
+def test_background_noise_is_zero_on_renders_and_reads_only_dark_pixels(world):
+    _, _, images = world
+    assert R.background_noise(images) == 0.0
+    noisy = images.clone()
+    dark = (images < 0.5).all(1, keepdim=True).expand_as(images)
+    noisy[:, 2][dark[:, 2]] = 0.3                 # a blue haze on the background, below the 0.5 threshold
+    assert R.background_noise(noisy) == pytest.approx(0.3)
+    objects = images.clone()
+    objects[~dark] = 0.9                           # brighter objects do not count
+    assert R.background_noise(objects) == 0.0
+    with pytest.raises(ValueError, match="images"):
+        R.background_noise(torch.zeros(3, 32, 32))

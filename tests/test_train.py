@@ -27,7 +27,7 @@ def test_toy_smoke_run_writes_every_artifact(tmp_path):
     on_disk = json.loads((run / "summary.json").read_text())
     for stage in ("before", "after"):
         for key in ("ta", "accuracy", "plan_validity", "ta/counting", "accuracy/position", "plan_validity/colors",
-                    "plan_following"):
+                    "plan_following", "background_noise"):
             assert key in on_disk[stage], (stage, key)
         assert 0.0 <= on_disk[stage]["plan_following"] <= 1.0
     assert set(on_disk["seconds"]) >= {"sft", "rl", "eval_before", "eval_after"}
@@ -121,7 +121,7 @@ def test_sft_batch_noise_corrupts_plans_and_images_at_the_configured_rate():
     """sft_noise = p: plans are wrong for their prompt, and images differ from their plan, each at about rate p
     (one corrupt_layout edit; some edits are harmless to the prompt, so the plan rate is a little lower)."""
     import reward
-    clean, _ = train.parse_args(["--toy", "--sft_batch=400"])
+    clean, _ = train.parse_args(["--toy", "--sft_batch=400", "--sft_noise=0"])
     noisy, _ = train.parse_args(["--toy", "--sft_batch=400", "--sft_noise=0.3"])
     prompts, plans, images = train.sft_batch(clean, 0)
     assert reward.score_plans(plans, prompts).all_correct.all()
