@@ -40,7 +40,7 @@ PRESETS = {
                 max_think_tokens=20, num_steps=10, window_start=(0, 5), window_size=3,
                 lr_reasoning=3e-5, lr_denoising=1e-4, clip_text=0.2, clip_flow=1e-4, reg_weight=0.01,
                 sft_steps=1200, sft_batch=64, sft_lr=1e-3, sft_ema=0.99, sft_mse_weight=10.0, sft_noise=0.3,
-                rl_steps=150, ckpt_every=10, eval_per_category=256, eval_steps=20),
+                rl_steps=140, ckpt_every=10, eval_per_category=256, eval_steps=20),
     # The paper's setting (BAGEL-7B-MoT, 1024 px); the defaults of Config are the paper's numbers.
     "bagel": dict(name="bagel", model="", dtype="bfloat16", device="cuda", image_hw=(1024, 1024),
                   rl_steps=1000, eval_per_category=0),
