@@ -129,14 +129,13 @@ def sft_batch(cfg: Config, step: int):
     draws that plan) and, independently, its image with probability p (one error against its plan)."""
     prompts = train_prompts(cfg, step, cfg.sft_batch, split="train")
     rng = random.Random(f"{cfg.seed}/sft-layout/{step}")
+    noisy = lambda layout: reward.corrupt_layout(layout, rng) if cfg.sft_noise and rng.random() < cfg.sft_noise \
+        else layout
     plans, drawn = [], []
     for p in prompts:
-        layout = reward.random_layout(p, rng)
-        if cfg.sft_noise and rng.random() < cfg.sft_noise:
-            layout = reward.corrupt_layout(layout, rng)
+        layout = noisy(reward.random_layout(p, rng))     # the plan (wrong for its prompt with p = sft_noise)
         plans.append(reward.plan_text(layout))
-        drawn.append(reward.corrupt_layout(layout, rng) if cfg.sft_noise and rng.random() < cfg.sft_noise
-                     else layout)
+        drawn.append(noisy(layout))                      # the image (off its plan with p = sft_noise)
     return prompts, plans, reward.render_batch(drawn).to(cfg.device)
 
 
