@@ -38,7 +38,7 @@ PRESETS = {
     # 30% of images off their plan); with clean triples 1200 steps already give TA 0.98, leaving RL nothing to do.
     "toy": dict(name="toy", model="toy", image_hw=(32, 32), prompts_per_step=8, group_size=8,
                 max_think_tokens=20, num_steps=10, window_start=(0, 5), window_size=3,
-                lr_reasoning=3e-5, lr_denoising=1e-4, clip_text=0.2, clip_flow=1e-4, reg_weight=0.01,
+                lr_reasoning=6e-5, lr_denoising=1e-4, clip_text=0.2, clip_flow=1e-4, reg_weight=0.01,
                 sft_steps=1200, sft_batch=64, sft_lr=1e-3, sft_ema=0.99, sft_mse_weight=10.0, sft_noise=0.3,
                 rl_steps=140, ckpt_every=10, eval_per_category=256, eval_steps=20),
     # The paper's setting (BAGEL-7B-MoT, 1024 px); the defaults of Config are the paper's numbers.
@@ -143,9 +143,11 @@ def sft(policy, cfg: Config, cache_dir: Path, log) -> float:
     """SFT warm-up (both experts, Bagel's losses), cached by its settings so RL can be rerun alone."""
     if cfg.sft_steps == 0:
         return 0.0
-    # Keyed by everything the SFT weights depend on: the model's config (vocabulary included) and SFT settings.
+    # Keyed by everything the SFT weights depend on: the model's config (vocabulary included), the SFT settings
+    # and the data (its first batch's plans, so that a change to the toy world's data is a new key).
     what = [policy.cfg.to_json(), getattr(policy.tokenizer, "vocab", None), cfg.seed,
-            *(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("sft_"))]
+            *(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("sft_")),
+            sft_batch(cfg, 0)[1]]
     key = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode())
     path = cache_dir / f"sft-{key.hexdigest()[:12]}.pt"
     if path.exists():

@@ -262,14 +262,31 @@ def test_relation_margin_on_centroids(kind):
 def test_plan_round_trip(world):
     ps, layouts, _ = world
     for lay in layouts:
-        assert [o.cell for o in lay] == sorted(o.cell for o in lay)
         text = R.plan_text(lay)
-        assert R.parse_plan(text) == sorted(lay, key=lambda o: o.cell)
+        assert R.parse_plan(text) == lay
         assert R.plan_text(R.parse_plan(text)) == text
-        cells = [int(c[1:]) for c in text.split() if c.startswith("c") and c[1:].isdigit()]
-        assert cells == sorted(cells)
+        assert text == " ; ".join(f"c{o.cell} {o.colour} {o.shape}" for o in lay)
     shuffled = " ; ".join(reversed(R.plan_text(layouts[-1]).split(" ; ")))
-    assert R.parse_plan(shuffled) == R.parse_plan(R.plan_text(layouts[-1]))
+    assert R.parse_plan(shuffled) == R.parse_plan(R.plan_text(layouts[-1]))[::-1]
+
+
+def test_canonical_plan_follows_the_prompt_order(world):
+    """random_layout's order: the prompt's groups as the text names them, each group's objects by cell; so
+    "a red circle and a blue square" plans the circle first wherever it lies."""
+    ps, layouts, _ = world
+    firsts = set()
+    for p, lay in zip(ps, layouts):
+        words = p.text.split()
+        named = sorted({o.shape for o in lay}, key=lambda s: min(i for i, w in enumerate(words)
+                                                                  if w in (s, R.PLURAL[s])))
+        assert [o.shape for o in lay] == [s for s in named for o in lay if o.shape == s]
+        for s in named:
+            cells = [o.cell for o in lay if o.shape == s]
+            assert cells == sorted(cells)
+        if p.category == "color_attr":
+            assert [(o.colour, o.shape) for o in lay] == [tuple(words[i:i + 2]) for i in (1, 5)]
+            firsts.add(lay[0].cell < lay[1].cell)
+    assert firsts == {True, False}          # not cell order in disguise
 
 
 @pytest.mark.parametrize("bad", ["", "c1 red", "c16 red circle", "c1 purple circle", "1 red circle",
@@ -436,7 +453,9 @@ def test_corrupt_layout_makes_exactly_one_error_of_each_kind():
         p = R.make_prompt(R.CATEGORIES[i % len(R.CATEGORIES)], rng)
         layout = R.random_layout(p, rng)
         bad = R.corrupt_layout(layout, rng)
-        assert [o.cell for o in bad] == sorted({o.cell for o in bad})       # sorted, distinct cells
+        assert len({o.cell for o in bad}) == len(bad)                          # distinct cells
+        kept = [o for o in layout if o in bad]
+        assert [o for o in bad if o in kept] == kept                         # the others keep their order
         before, after = Counter(layout), Counter(bad)
         gone, new = sum((before - after).values()), sum((after - before).values())
         kind = {(1, 0): "drop", (0, 1): "add"}.get((gone, new))

@@ -136,3 +136,15 @@ def test_sft_batch_noise_corrupts_plans_and_images_at_the_configured_rate():
                     for det, obj in zip(reward.detect_batch(images_n), objs)) / len(objs)
     assert 0.15 < bad_plan < 0.3 and 0.2 < image_off < 0.4, (bad_plan, image_off)
     assert drawn < planned
+
+
+def test_sft_cache_is_reused_for_the_same_data_and_not_after_a_data_change(tmp_path, monkeypatch):
+    cfg, _ = train.parse_args(["--toy", "--sft_steps=3", "--sft_batch=4"])
+    policy = train.build_policy(cfg)
+    assert train.sft(policy, cfg, tmp_path, print) > 0                       # trained and saved
+    assert len(list(tmp_path.glob("sft-*.pt"))) == 1
+    assert train.sft(train.build_policy(cfg), cfg, tmp_path, print) == 0.0   # loaded
+    real = train.reward.plan_text
+    monkeypatch.setattr(train.reward, "plan_text", lambda layout: real(layout[::-1]))  # other plan order
+    assert train.sft(train.build_policy(cfg), cfg, tmp_path, print) > 0      # new data: trained again
+    assert len(list(tmp_path.glob("sft-*.pt"))) == 2
