@@ -9,9 +9,9 @@ on_its_left"). The reasoning writes a canonical plan, one chunk `c<k> <colour> <
 ` ; `, in the prompt's order: the groups as the prompt names them, a group's objects by cell k (the cell comes
 first: the toy model grounds the chunk's later tokens in that cell, model.py deviation 5c). In prompt order
 the plan restates each object where the prompt names it, so binding a colour to its shape is a copy; plans
-sorted by cell made it a look-up that 1200 SFT steps learned for some seeds and not others. The verifier is exact: channel thresholds -> colour codes, 4-connected components,
-shape by bounding-box fill ratio, relations by centroids. Plans are scored by the same exam points with
-objects at their cell centres.
+sorted by cell made it a look-up that 1200 SFT steps learned for some seeds and not others. The verifier is
+exact: channel thresholds -> colour codes, 4-connected components, shape by bounding-box fill ratio, relations
+by centroids. Plans are scored by the same exam points with objects at their cell centres.
 
 Glossary
   R         samples in a batch;  k = row*4 + col, the cell index, token `c{k}`
@@ -293,7 +293,7 @@ def random_layout(prompt: Prompt, rng: random.Random | int) -> list[Obj]:
         of_group = [[o for (i, _), o in zip(members, objs) if i == j] for j in range(len(prompt.groups))]
         r = prompt.relation
         if r is None or any(_holds(r.kind, a, b) for a in of_group[r.a] for b in of_group[r.b]):
-            return [o for _, o in sorted(zip((i for i, _ in members), objs), key=lambda io: (io[0], io[1].cell))]
+            return [o for group in of_group for o in sorted(group, key=lambda o: o.cell)]
 
 
 CORRUPTIONS = ("drop", "add", "recolour", "reshape", "move")
@@ -301,8 +301,8 @@ CORRUPTIONS = ("drop", "add", "recolour", "reshape", "move")
 
 def corrupt_layout(layout: Sequence[Obj], rng: random.Random | int) -> list[Obj]:
     """One random error of imperfect paired data (the toy's noisy SFT triples): drop an object (only when there
-    are >= 2), add one in a free cell (last), recolour one, reshape one, or move one to a free cell. The other objects
-    keep their order."""
+    are >= 2), add one in a free cell (last), recolour one, reshape one, or move one to a free cell. The other
+    objects keep their order."""
     rng = _as_rng(rng)
     objs = list(layout)
     if not objs:
