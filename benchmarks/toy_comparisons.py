@@ -7,7 +7,8 @@ plus the equal-time SFT continuation control. Prints a markdown table of held-ou
     python benchmarks/toy_comparisons.py sft_more --sft_more_steps=800   # control length set by hand
     python benchmarks/toy_comparisons.py --reuse         # only print the table of finished runs (and run the rest)
 
-Each run is `python train.py --toy <flags>`; the table reads runs/cmp-<name>/summary.json.
+Each run is `python train.py --toy <flags>`; the table reads <out_dir>/cmp-<name>/summary.json (out_dir: runs,
+or --out_dir=...), and is saved with every result as <out_dir>/comparisons.json.
 """
 import json
 import sys
@@ -30,7 +31,7 @@ VARIANTS = {
 
 
 def run(name, flags, extra):
-    done = Path("runs") / f"cmp-{name}" / "summary.json"
+    done = Path(train.parse_args(["--toy", *extra])[0].out_dir) / f"cmp-{name}" / "summary.json"
     if "--reuse" in sys.argv and done.exists():   # keep finished runs; delete the folder to redo one
         return json.loads(done.read_text())
     return train.main(["--toy", f"--name=cmp-{name}", *flags, *extra])
@@ -68,8 +69,9 @@ def main(argv):
         print(f"| {name} | {b['ta']:.3f} -> {a['ta']:.3f} | {b['accuracy']:.3f} -> {a['accuracy']:.3f} | "
               f"{b['plan_validity']:.3f} -> {a['plan_validity']:.3f} | "
               + " | ".join(f"{a['accuracy/' + c]:.2f}" for c in cats) + f" | {s['seconds'].get('rl', 0):.0f} |")
-    Path("runs").mkdir(exist_ok=True)
-    Path("runs/comparisons.json").write_text(json.dumps(results, indent=1))
+    out_dir = Path(train.parse_args(["--toy", *extra])[0].out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparisons.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
