@@ -30,9 +30,9 @@ VARIANTS = {
 }
 
 
-def run(name, flags, extra):
-    done = Path(train.parse_args(["--toy", *extra])[0].out_dir) / f"cmp-{name}" / "summary.json"
-    if "--reuse" in sys.argv and done.exists():   # keep finished runs; delete the folder to redo one
+def run(name, flags, extra, out_dir: Path, reuse: bool):
+    done = out_dir / f"cmp-{name}" / "summary.json"
+    if reuse and done.exists():   # keep finished runs; delete the folder to redo one
         return json.loads(done.read_text())
     return train.main(["--toy", f"--name=cmp-{name}", *flags, *extra])
 
@@ -41,21 +41,22 @@ def main(argv):
     more = [int(a.split("=")[1]) for a in argv if a.startswith("--sft_more_steps=")]
     extra = [a for a in argv if a.startswith("--") and not a.startswith(("--sft_more_steps=", "--reuse"))]
     names = [a for a in argv if not a.startswith("--")] or [*VARIANTS, "sft_more"]
+    cfg, _ = train.parse_args(["--toy", *extra])
+    out_dir, reuse = Path(cfg.out_dir), "--reuse" in argv
     results = {}
     for name in names:
         if name == "sft_more":
             continue
-        results[name] = run(name, VARIANTS[name], extra)
+        results[name] = run(name, VARIANTS[name], extra, out_dir, reuse)
     if "sft_more" in names:
         # Equal-time control: continue SFT (same data stream, same optimiser) for as long as UniGRPO trained.
-        base = results.get("unigrpo") or run("unigrpo", [], extra)
-        cfg, _ = train.parse_args(["--toy", *extra])
+        base = results.get("unigrpo") or run("unigrpo", [], extra, out_dir, reuse)
         if more:
             more = more[0]
         else:  # UniGRPO's RL seconds / seconds per SFT step of the cached SFT run (time both on the same load)
-            cache = sorted((Path(cfg.out_dir) / "sft-cache").glob("sft-*.pt"), key=lambda p: p.stat().st_mtime)
+            cache = sorted((out_dir / "sft-cache").glob("sft-*.pt"), key=lambda p: p.stat().st_mtime)
             more = round(base["seconds"]["rl"] / (train.load_checkpoint(cache[-1])["seconds"] / cfg.sft_steps))
-        ctl = run("sft_more", [f"--sft_steps={cfg.sft_steps + more}", "--rl_steps=0"], extra)
+        ctl = run("sft_more", [f"--sft_steps={cfg.sft_steps + more}", "--rl_steps=0"], extra, out_dir, reuse)
         ctl["after"] = ctl["before"]
         ctl["before"] = base["before"]
         results["sft_more"] = ctl
@@ -69,7 +70,6 @@ def main(argv):
         print(f"| {name} | {b['ta']:.3f} -> {a['ta']:.3f} | {b['accuracy']:.3f} -> {a['accuracy']:.3f} | "
               f"{b['plan_validity']:.3f} -> {a['plan_validity']:.3f} | "
               + " | ".join(f"{a['accuracy/' + c]:.2f}" for c in cats) + f" | {s['seconds'].get('rl', 0):.0f} |")
-    out_dir = Path(train.parse_args(["--toy", *extra])[0].out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparisons.json").write_text(json.dumps(results, indent=1))
 
