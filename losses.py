@@ -11,7 +11,7 @@ Glossary (shape letters: B samples, G group size, T text tokens, K window steps,
   logp        log pi_theta of each reasoning token (B, T); logp_old from the rollout, logp_ref from the reference
   M           completion mask (B, T), 1 for real tokens
   r_t         importance ratio exp(log r_t); log r_t = log p_theta(x_next|x_t) - log p_old(x_next|x_t) (Eq. 4)
-  eps_clip    PPO clip half-width; the clip range is [1 - eps_clip, 1 + eps_clip_high]
+  clip_eps    PPO clip half-width eps; the clip range is [1 - clip_eps, 1 + clip_eps_high]
   mu, mu_old  mean of the SDE transition under the current / rollout policy (from sampler.py)
   s           transition std of that step, std_dev_t * sqrt(|dt|) in FlowGRPO's notation
   sigma_t     FlowGRPO's diffusion coefficient std_dev_t = s / sqrt(|dt|)
@@ -87,9 +87,9 @@ def group_advantages(rewards, group_size, eps=1e-4, std="population", scope="gro
 
 # ----------------------------------------------------------------------------------------------- Eq. (2)
 def clipped_surrogate(r_t, A, clip_eps, clip_eps_high=None):
-    """Per-entry PPO term max(-A r_t, -A clip(r_t, 1 - eps_clip, 1 + eps_clip_high)) (Eqs. 2 and 6).
+    """Per-entry PPO term max(-A r_t, -A clip(r_t, 1 - clip_eps, 1 + clip_eps_high)) (Eqs. 2 and 6).
 
-    A broadcasts against r_t. clip_eps_high (eps_clip_high) defaults to clip_eps (symmetric clip).
+    A broadcasts against r_t. clip_eps_high defaults to clip_eps (symmetric clip).
     """
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     _check(clip_eps > 0, f"clip_eps must be > 0, got {clip_eps}")
@@ -231,7 +231,7 @@ def clamp_advantages(advantages, adv_clip_max=None):
 
 
 def flow_grpo_loss(log_r, advantages, clip_eps, adv_clip_max=None, dt=None):
-    """Eq. (6): J_flow = mean_{i,k} max(-A_i r_{i,k}, -A_i clip(r_{i,k}, 1 - eps_clip, 1 + eps_clip)) [/ |dt_k|],
+    """Eq. (6): J_flow = mean_{i,k} max(-A_i r_{i,k}, -A_i clip(r_{i,k}, 1 - clip_eps, 1 + clip_eps)) [/ |dt_k|],
     r = exp(log_r) (negated clipped objective, averaged over samples and window steps).
 
     log_r: (B,) for one step or (B, K); advantages: (B,) (broadcast over K) or log_r's shape.
@@ -302,11 +302,11 @@ def unified_loss(text_loss, flow_loss, reg=None, lam=1.0, reg_weight=1.5e-5):
 
 
 # ----------------------------------------------------------------------------------------------- logging
-def clip_fraction(ratio, eps_clip, eps_clip_high=None, side="both", mask=None):
-    """Share of ratios outside [1 - eps_clip, 1 + eps_clip_high] (side "both", "high" or "low"), over mask."""
+def clip_fraction(ratio, clip_eps, clip_eps_high=None, side="both", mask=None):
+    """Share of ratios outside [1 - clip_eps, 1 + clip_eps_high] (side "both", "high" or "low"), over mask."""
     _check(side in ("both", "high", "low"), f"side must be 'both', 'high' or 'low', got {side!r}")
-    eps_high = eps_clip if eps_clip_high is None else eps_clip_high
-    high, low = ratio - 1.0 > eps_high, 1.0 - ratio > eps_clip
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    high, low = ratio - 1.0 > eps_high, 1.0 - ratio > clip_eps
     hit = {"both": high | low, "high": high, "low": low}[side].to(ratio.dtype)
     return _masked_mean(hit, mask)
 

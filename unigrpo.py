@@ -29,107 +29,17 @@ Deviations / borrowed defaults (each a Config field, paper value noted there):
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 
 import losses
-import model as model_lib
 import sampler
-
-
-@dataclass
-class Config:
-    """Every number of a run: the algorithm's (paper defaults noted) and the run's. Presets in train.py."""
-    # run
-    name: str = "run"
-    seed: int = 0
-    out_dir: str = "runs"
-    device: str = "cpu"
-    dtype: str = "float32"              # weights dtype for a loaded checkpoint (--bagel); the toy runs in fp32
-    model: str = "toy"                   # "toy" or a folder with an official BAGEL checkpoint
-    # rollout (paper: group 24, batch 32, temperature 1, 25 steps, shift 3, noise 0.8, window [0,5] x 3)
-    prompts_per_step: int = 32           # B
-    group_size: int = 24                 # G
-    think: bool = True
-    max_think_tokens: int = 512
-    temperature: float = 1.0
-    num_steps: int = 25
-    shift: float = 3.0
-    noise_level: float = 0.8
-    window_start: tuple = (0, 5)
-    window_size: int = 3
-    sde_kind: str = "sde"                # "sde" (Eq. 3) or "cps" (FlowGRPO-Fast configs)
-    logprob_reduce: str = "mean"         # FlowGRPO's choice; "sum" is the exact density
-    image_hw: tuple = (1024, 1024)
-    cfg_scale: float = 1.0               # paper: no CFG in training
-    # update (paper: 2 PPO epochs, lr 1e-6 / 3e-5, lam 1, clip 1e-6, MSE weight 1.5e-5, text KL 0)
-    ppo_epochs: int = 2
-    minibatches: int = 2
-    lr_reasoning: float = 1e-6
-    lr_denoising: float = 3e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    train_parts: str = "both"            # "both" | "text" | "image"
-    lam: float = 1.0
-    clip_text: float = 0.2
-    clip_flow: float = 1e-6
-    adv_clip_max: float | None = None    # FlowGRPO clamps A to [-5, 5]; the paper does not say
-    adv_std: str = "population"
-    adv_scope: str = "group"
-    text_reduction: str = "grpo"
-    ratio_norm: bool = True
-    regulariser: str = "velocity_mse"    # "velocity_mse" (Eq. 8) | "latent_kl" | "none"
-    reg_weight: float = 1.5e-5
-    text_kl: float = 0.0
-    # stages
-    sft_steps: int = 0
-    sft_batch: int = 64
-    sft_lr: float = 1e-3
-    sft_ema: float = 0.0                 # EMA decay of the SFT weights (0 = off)
-    sft_mse_weight: float = 1.0          # weight of the flow-matching MSE against the plan CE (Bagel: 1)
-    sft_noise: float = 0.0               # toy: share of SFT plans, and (independently) images, with one error
-    rl_steps: int = 100
-    eval_per_category: int = 256
-    eval_steps: int = 20
-    eval_temperature: float = 1.0
-    ckpt_every: int = 10
-
-    def validate(self) -> "Config":
-        """Fail at the command line, not minutes into a run."""
-        choices = {"train_parts": ("both", "text", "image"), "regulariser": ("velocity_mse", "latent_kl", "none"),
-                   "sde_kind": sampler.KINDS, "logprob_reduce": sampler.REDUCTIONS,
-                   "adv_std": ("population", "sample", "none"), "adv_scope": ("group", "batch"),
-                   "text_reduction": ("grpo", "bnpo", "dapo", "dr_grpo"),
-                   "dtype": ("float32", "bfloat16", "float16", "float64")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {', '.join(map(str, allowed))}")
-        if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size}: group-relative advantages need at least 2 samples")
-        for key in ("prompts_per_step", "ppo_epochs", "minibatches", "num_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
-        lo, hi = self.window_start
-        if not (0 <= lo <= hi and hi + self.window_size <= self.num_steps - 1 and self.window_size >= 1):
-            raise ValueError(f"window_start={self.window_start}, window_size={self.window_size}: the SDE window "
-                             f"must lie inside steps 0..{self.num_steps - 2} (the last step is never trained)")
-        if self.ratio_norm and (self.sde_kind, self.logprob_reduce) != ("sde", "mean"):
-            raise ValueError(f"ratio_norm needs sde_kind='sde' and logprob_reduce='mean' (its bias term is the "
-                             f"Gaussian one of Eq. 3 averaged over elements); got {self.sde_kind!r}, "
-                             f"{self.logprob_reduce!r}")
-        if not 0 <= self.sft_noise < 1:
-            raise ValueError(f"sft_noise={self.sft_noise} must be in [0, 1)")
-        if self.sft_mse_weight <= 0:
-            raise ValueError(f"sft_mse_weight={self.sft_mse_weight} must be > 0")
-        if self.train_parts == "text" and not self.think:
-            raise ValueError("train_parts='text' with think=False leaves nothing to train")
-        if (self.prompts_per_step * self.group_size) % self.minibatches:
-            raise ValueError(f"minibatches={self.minibatches} must divide prompts_per_step*group_size")
-        return self
+from config import Config
+from model import guided_velocity
 
 
 # ----------------------------------------------------------------------------------------------- rollout
@@ -198,9 +108,11 @@ def rollout_stats(ro: Rollout, G: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ update
-def reference_copy(policy):
-    """The frozen reference theta_ref (Eq. 8 and the optional text KL): a detached copy of the start policy."""
-    ref = copy.deepcopy(policy).eval()
+def reference_policy(build):
+    """The frozen reference theta_ref of Eq. (8) and of the optional text KL. `build()` makes the start policy
+    anew (a fresh model loaded with the start weights; at scale a sharded load, or the adapters switched off),
+    so no copy of a live, possibly sharded, model is ever needed."""
+    ref = build().eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
@@ -236,7 +148,7 @@ def _velocities(policy, thoughts, x_t, t, uncond, cfg):
     out = policy.train_forward(thoughts, x_t, t, image_hw=cfg.image_hw)
     if uncond is not None:
         v_u = policy.train_forward(uncond, x_t, t, image_hw=cfg.image_hw).v
-        out = dataclasses.replace(out, v=model_lib.guided_velocity(out.v, v_u, cfg.cfg_scale))
+        out = dataclasses.replace(out, v=guided_velocity(out.v, v_u, cfg.cfg_scale))
     return out
 
 
@@ -302,27 +214,12 @@ def update(policy, ref, optimizer, ro: Rollout, cfg: Config, generator) -> dict:
             J.backward()
             params = [p for g in optimizer.param_groups for p in g["params"]]
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            for name in ("loss", "grad_norm"):
+                if not math.isfinite(stats[name]):   # a NaN step would poison every later one
+                    raise FloatingPointError(f"non-finite {name.replace('_', ' ')} ({stats[name]}) in the "
+                                             f"update; the optimizer step was skipped")
             optimizer.step()
             history.append(stats)
     policy.eval()
     return {k: sum(h[k] for h in history if k in h) / sum(k in h for h in history)
             for k in {k for h in history for k in h}}
-
-
-# ------------------------------------------------------------------------------------------ SFT warm-up
-def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0):
-    """Bagel's own losses on (prompt, plan, image) triples: CE on the plan + mse_weight * flow-matching MSE.
-
-    images: (R, 3, H, W) in [0, 1]. One train_forward gives both, with K = 1 noisy block per sample.
-    """
-    thoughts = policy.thoughts_from_text(_texts(prompts), plans)
-    x_0 = policy.encode(images * 2 - 1)                                   # (R, N, D)
-    R = x_0.shape[0]
-    u = torch.randn(R, generator=generator, device=generator.device).to(x_0.device)   # logit-normal t
-    t = model_lib.train_timesteps(u, policy.cfg.timestep_shift)
-    eps = torch.randn(x_0.shape, generator=generator, device=generator.device).to(x_0.device)
-    x_t = (1 - t)[:, None, None] * x_0 + t[:, None, None] * eps
-    out = policy.train_forward(thoughts, x_t[:, None], t[:, None])
-    ce = -(out.logp * thoughts.mask).sum() / thoughts.mask.sum().clamp(min=1)
-    mse = ((out.v[:, 0] - (eps - x_0)) ** 2).mean()
-    return ce + mse_weight * mse, {"sft_ce": ce.item(), "sft_mse": mse.item()}

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-import _golden as G
+import _golden as golden
 from losses import group_advantages
 
 EPS = 1e-4
@@ -91,9 +91,9 @@ FLOW_MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", list(G.load_json("flowgrpo_loss.json")["stat_tracking"]["advantages"]))
+@pytest.mark.parametrize("mode", list(golden.load_json("flowgrpo_loss.json")["stat_tracking"]["advantages"]))
 def test_golden_flowgrpo_stat_tracking(mode):
-    st = G.load_json("flowgrpo_loss.json")["stat_tracking"]
+    st = golden.load_json("flowgrpo_loss.json")["stat_tracking"]
     rewards = torch.tensor(st["rewards_1d"], dtype=torch.float64)
     got = FLOW_MODES[mode](rewards, st["prompts"], st["eps"])
     expected = torch.tensor(st["advantages"][mode], dtype=torch.float64)     # (N, repeats), equal columns
@@ -105,9 +105,9 @@ def test_golden_flowgrpo_stat_tracking(mode):
 TRL_MODES = {"group": dict(std="sample"), "batch": dict(std="sample", scope="batch"), "none": dict(std="none")}
 
 
-@pytest.mark.parametrize("mode", list(G.load_json("trl_grpo.json")["advantages"]["out"]))
+@pytest.mark.parametrize("mode", list(golden.load_json("trl_grpo.json")["advantages"]["out"]))
 def test_golden_trl_advantages(mode):
-    adv = G.load_json("trl_grpo.json")["advantages"]
+    adv = golden.load_json("trl_grpo.json")["advantages"]
     rewards = torch.tensor(adv["rewards"], dtype=torch.float32)
     got = group_advantages(rewards, adv["num_generations"], eps=adv["eps"], **TRL_MODES[mode])
     expected = torch.tensor(adv["out"][mode]["advantages"], dtype=torch.float32)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import _golden as G
+import _golden as golden
 from losses import (approx_kl, clip_fraction, k3_kl, ratio_summary, reduce_token_loss, text_grpo_loss,
                     text_grpo_per_token_loss, text_importance_ratio)
 
@@ -139,10 +139,10 @@ def test_matches_loop_rederivation(reduction, level, beta):
 
 
 # --- golden: TRL GRPOTrainer._compute_loss ---------------------------------------------------------------
-@pytest.mark.parametrize("case", G.trl_cases(), ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", golden.trl_cases(), ids=lambda c: c["name"])
 def test_golden_trl(case):
     name = case["name"]
-    inp = {k: G.trl(f"inputs/{k}") for k in ("per_token_logps", "old_per_token_logps", "ref_per_token_logps",
+    inp = {k: golden.trl(f"inputs/{k}") for k in ("per_token_logps", "old_per_token_logps", "ref_per_token_logps",
                                              "advantages", "completion_mask")}
     args = (inp["old_per_token_logps"], inp["advantages"], inp["completion_mask"], case["epsilon_low"])
     kwargs = dict(clip_eps_high=case["epsilon_high"], logp_ref=inp["ref_per_token_logps"], beta=case["beta"],
@@ -151,20 +151,20 @@ def test_golden_trl(case):
     loss = text_grpo_loss(logp, *args, reduction=case["loss_type"], **kwargs)
     loss.backward()
     assert loss.item() == pytest.approx(case["loss"], rel=RTOL, abs=ATOL)
-    assert torch.allclose(loss.reshape(1), G.trl(f"{name}/loss"), rtol=RTOL, atol=ATOL)
-    assert torch.allclose(logp.grad, G.trl(f"{name}/grad_per_token_logps"), rtol=RTOL, atol=ATOL)
+    assert torch.allclose(loss.reshape(1), golden.trl(f"{name}/loss"), rtol=RTOL, atol=ATOL)
+    assert torch.allclose(logp.grad, golden.trl(f"{name}/grad_per_token_logps"), rtol=RTOL, atol=ATOL)
 
     per_token = text_grpo_per_token_loss(inp["per_token_logps"], *args, **kwargs)
-    expected = G.trl(f"{name}/per_token_loss")                          # (B, 1) at sequence level, beta = 0
+    expected = golden.trl(f"{name}/per_token_loss")                          # (B, 1) at sequence level, beta = 0
     assert torch.allclose(per_token, expected.expand_as(per_token), rtol=RTOL, atol=ATOL)
     coef_1 = text_importance_ratio(inp["per_token_logps"], inp["old_per_token_logps"], inp["completion_mask"],
                                    case["importance_sampling_level"])
-    assert torch.allclose(coef_1, G.trl(f"{name}/coef_1"), rtol=RTOL, atol=ATOL)
+    assert torch.allclose(coef_1, golden.trl(f"{name}/coef_1"), rtol=RTOL, atol=ATOL)
     coef_2 = torch.clamp(coef_1, 1 - case["epsilon_low"], 1 + case["epsilon_high"])
-    assert torch.allclose(coef_2, G.trl(f"{name}/coef_2"), rtol=RTOL, atol=ATOL)
-    if G.trl_has(f"{name}/per_token_kl"):
+    assert torch.allclose(coef_2, golden.trl(f"{name}/coef_2"), rtol=RTOL, atol=ATOL)
+    if golden.trl_has(f"{name}/per_token_kl"):
         kl = k3_kl(inp["per_token_logps"], inp["ref_per_token_logps"])
-        assert torch.allclose(kl, G.trl(f"{name}/per_token_kl"), rtol=RTOL, atol=ATOL)
+        assert torch.allclose(kl, golden.trl(f"{name}/per_token_kl"), rtol=RTOL, atol=ATOL)
 
 
 # --- errors --------------------------------------------------------------------------------------------

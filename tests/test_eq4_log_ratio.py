@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import _golden as G
+import _golden as golden
 from losses import approx_kl, log_ratio
 
 
@@ -60,14 +60,14 @@ def test_exp_matches_numpy_ratio_of_probabilities():
 
 
 # --- golden: FlowGRPO ratio and approx_kl at every variant and step ----------------------------------------
-@pytest.mark.parametrize("case", G.flow_cases(), ids=G.flow_case_id)
+@pytest.mark.parametrize("case", golden.flow_cases(), ids=golden.flow_case_id)
 def test_golden_flowgrpo(case):
     variant, cfg, j = case
-    lr = log_ratio(G.flow_step(variant, j, "log_prob_new"), G.chain_step(j)["log_prob_old"])
+    lr = log_ratio(golden.flow_step(variant, j, "log_prob_new"), golden.chain_step(j)["log_prob_old"])
     # approx_kl is logged on the raw log-ratio, RatioNorm or not
-    assert torch.allclose(approx_kl(lr).reshape(1), G.flow_step(variant, j, "info_approx_kl"), rtol=1e-5, atol=1e-12)
+    assert torch.allclose(approx_kl(lr).reshape(1), golden.flow_step(variant, j, "info_approx_kl"), rtol=1e-5, atol=1e-12)
     if not cfg["rationorm"]:                                   # RatioNorm ratios are tested in test_eq5
-        ratio = G.flow_step(variant, j, "ratio")
+        ratio = golden.flow_step(variant, j, "ratio")
         assert torch.allclose(torch.exp(lr) - 1, ratio - 1, rtol=0, atol=1e-6)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import _golden as G
+import _golden as golden
 from losses import log_ratio, ratio_norm, ratio_norm_bias
 
 
@@ -81,25 +81,25 @@ def test_matches_numpy_rederivation():
 
 
 # --- golden: official GRPO-Guard (bias="batch") and the #244 per-sample form -------------------------------
-GUARD_CASES = [c for c in G.flow_cases() if c[1]["rationorm"]]
+GUARD_CASES = [c for c in golden.flow_cases() if c[1]["rationorm"]]
 
 
-@pytest.mark.parametrize("case", GUARD_CASES, ids=G.flow_case_id)
+@pytest.mark.parametrize("case", GUARD_CASES, ids=golden.flow_case_id)
 def test_golden_grpo_guard(case):
     variant, _, j = case
-    chain = G.chain_step(j)
-    lr = log_ratio(G.flow_step(variant, j, "log_prob_new"), chain["log_prob_old"])
-    std = G.transition_std(variant, j)
+    chain = golden.chain_step(j)
+    lr = log_ratio(golden.flow_step(variant, j, "log_prob_new"), chain["log_prob_old"])
+    std = golden.transition_std(variant, j)
     args = (lr, chain["mean_new"], chain["mean_old"], std)
     ratio = torch.exp(ratio_norm(*args, bias="batch"))
-    assert torch.allclose(ratio - 1, G.flow_step(variant, j, "ratio") - 1, rtol=0, atol=1e-6)
+    assert torch.allclose(ratio - 1, golden.flow_step(variant, j, "ratio") - 1, rtol=0, atol=1e-6)
     bias = ratio_norm_bias(*args, bias="batch")
-    expected_bias = G.flow_step(variant, j, "ratio_mean_bias")
+    expected_bias = golden.flow_step(variant, j, "ratio_mean_bias")
     assert torch.allclose(bias.reshape(-1), expected_bias.reshape(-1), rtol=1e-5, atol=1e-9)
     key = f"{variant}/j{j}/UNOFFICIAL_ratio_issue244_per_sample_bias"
-    if key in G.load_tensors("flowgrpo_loss.safetensors"):
+    if key in golden.load_tensors("flowgrpo_loss.safetensors"):
         per_sample = torch.exp(ratio_norm(*args, bias="sample"))
-        assert torch.allclose(per_sample - 1, G.flow(key) - 1, rtol=0, atol=1e-6)
+        assert torch.allclose(per_sample - 1, golden.flow(key) - 1, rtol=0, atol=1e-6)
 
 
 def test_golden_cases_exist():

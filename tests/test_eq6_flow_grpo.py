@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import _golden as G
+import _golden as golden
 from losses import (approx_kl, clamp_advantages, clip_fraction, clipped_surrogate, flow_grpo_loss, log_ratio,
                     ratio_norm, ratio_summary)
 
@@ -62,7 +62,7 @@ def test_logging_helpers_closed_form():
     assert clip_fraction(r, 0.1).item() == pytest.approx(0.5)
     assert clip_fraction(r, 0.1, side="high").item() == pytest.approx(0.25)
     assert clip_fraction(r, 0.1, side="low").item() == pytest.approx(0.25)
-    assert clip_fraction(r, 0.1, eps_clip_high=0.4).item() == pytest.approx(0.25)
+    assert clip_fraction(r, 0.1, clip_eps_high=0.4).item() == pytest.approx(0.25)
     assert clip_fraction(r, 0.1, mask=torch.tensor([1.0, 1.0, 0.0, 0.0])).item() == pytest.approx(0.5)
     assert approx_kl(torch.tensor([0.2, -0.4])).item() == pytest.approx(0.5 * (0.04 + 0.16) / 2)
     stats = ratio_summary(r)
@@ -86,24 +86,24 @@ def test_matches_numpy_rederivation():
 # --- golden: every variant and step of the official FlowGRPO / GRPO-Guard loss blocks ------------------------
 def _step_inputs(variant, cfg, j):
     """(log-ratio fed to the clip, dt or None), exactly as the variant's script builds them."""
-    chain = G.chain_step(j)
-    lr = log_ratio(G.flow_step(variant, j, "log_prob_new"), chain["log_prob_old"])
+    chain = golden.chain_step(j)
+    lr = log_ratio(golden.flow_step(variant, j, "log_prob_new"), chain["log_prob_old"])
     if not cfg["rationorm"]:
         return lr, None
-    lr = ratio_norm(lr, chain["mean_new"], chain["mean_old"], G.transition_std(variant, j), bias="batch")
-    return lr, G.flow_step(variant, j, "sqrt_neg_dt").mean() ** 2       # official: / mean_b(sqrt(-dt))^2
+    lr = ratio_norm(lr, chain["mean_new"], chain["mean_old"], golden.transition_std(variant, j), bias="batch")
+    return lr, golden.flow_step(variant, j, "sqrt_neg_dt").mean() ** 2       # official: / mean_b(sqrt(-dt))^2
 
 
 def _ambiguous(ratio, eps):
     return ((ratio - 1).abs() - eps).abs() < BOUNDARY
 
 
-@pytest.mark.parametrize("case", G.flow_cases(), ids=G.flow_case_id)
+@pytest.mark.parametrize("case", golden.flow_cases(), ids=golden.flow_case_id)
 def test_golden_flowgrpo(case):
     variant, cfg, j = case
     eps, cap = cfg["clip_range"], cfg["adv_clip_max"]
-    field = lambda name: G.flow_step(variant, j, name)  # noqa: E731
-    A_raw = G.chain_step(j)["advantages"]
+    field = lambda name: golden.flow_step(variant, j, name)  # noqa: E731
+    A_raw = golden.chain_step(j)["advantages"]
     lr, dt = _step_inputs(variant, cfg, j)
     policy = flow_grpo_loss(lr, A_raw, eps, adv_clip_max=cap, dt=dt)
     assert torch.allclose(policy.reshape(1), field("policy_loss"), rtol=1e-5, atol=1e-7)
@@ -121,21 +121,21 @@ def test_golden_flowgrpo(case):
     for side, name in (("both", "info_clipfrac"), ("high", "info_clipfrac_gt_one"), ("low", "info_clipfrac_lt_one")):
         got = clip_fraction(r, eps, side=side)
         assert (got - field(name).reshape(())).abs() <= slack, name
-    raw = log_ratio(field("log_prob_new"), G.chain_step(j)["log_prob_old"])
+    raw = log_ratio(field("log_prob_new"), golden.chain_step(j)["log_prob_old"])
     assert torch.allclose(approx_kl(raw).reshape(1), field("info_approx_kl"), rtol=1e-5, atol=1e-12)
 
 
-@pytest.mark.parametrize("variant", list(G.load_json("flowgrpo_loss.json")["configs"]))
+@pytest.mark.parametrize("variant", list(golden.load_json("flowgrpo_loss.json")["configs"]))
 def test_golden_window_form_is_mean_over_steps(variant):
     """All train steps as one (B, K) call (dt of shape (K,)) = the mean of the official per-step losses."""
-    cfg = G.load_json("flowgrpo_loss.json")["configs"][variant]
-    steps = G.load_json("flowgrpo_loss.json")["train_steps_j"]
+    cfg = golden.load_json("flowgrpo_loss.json")["configs"][variant]
+    steps = golden.load_json("flowgrpo_loss.json")["train_steps_j"]
     inputs = [_step_inputs(variant, cfg, j) for j in steps]
     log_r = torch.stack([lr for lr, _ in inputs], dim=1)                                       # (B, K)
     dt = None if inputs[0][1] is None else torch.stack([d for _, d in inputs])                 # (K,)
-    A = torch.stack([G.chain_step(j)["advantages"] for j in steps], dim=1)                     # (B, K)
+    A = torch.stack([golden.chain_step(j)["advantages"] for j in steps], dim=1)                     # (B, K)
     got = flow_grpo_loss(log_r, A, cfg["clip_range"], adv_clip_max=cfg["adv_clip_max"], dt=dt)
-    expected = torch.stack([G.flow_step(variant, j, "policy_loss").reshape(()) for j in steps]).mean()
+    expected = torch.stack([golden.flow_step(variant, j, "policy_loss").reshape(()) for j in steps]).mean()
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 

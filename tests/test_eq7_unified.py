@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import _golden as G
+import _golden as golden
 from losses import flow_grpo_loss, latent_kl, log_ratio, ratio_norm, text_grpo_loss, unified_loss, velocity_mse
 
 
@@ -48,34 +48,34 @@ def test_matches_sum_of_parts_with_shared_advantages():
 
 
 # --- golden: FlowGRPO's loss = policy + beta * kl is Eq. 7 with no text term; TRL + FlowGRPO --------------
-@pytest.mark.parametrize("case", G.flow_cases(), ids=G.flow_case_id)
+@pytest.mark.parametrize("case", golden.flow_cases(), ids=golden.flow_case_id)
 def test_golden_flowgrpo_loss_as_unified(case):
     variant, cfg, j = case
-    chain = G.chain_step(j)
-    std = G.transition_std(variant, j)
-    policy = G.flow_policy_term(variant, cfg, j)
+    chain = golden.chain_step(j)
+    std = golden.transition_std(variant, j)
+    policy = golden.flow_policy_term(variant, cfg, j)
     reg = None
     if cfg["beta"] > 0:
-        reg = latent_kl(chain["mean_new"], chain["mean_ref"], std, -G.flow_step(variant, j, "sqrt_neg_dt") ** 2)
+        reg = latent_kl(chain["mean_new"], chain["mean_ref"], std, -golden.flow_step(variant, j, "sqrt_neg_dt") ** 2)
     total = unified_loss(torch.zeros(()), policy, reg, lam=1.0, reg_weight=cfg["beta"])
-    assert torch.allclose(total.reshape(1), G.flow_step(variant, j, "loss"), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(total.reshape(1), golden.flow_step(variant, j, "loss"), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", G.trl_cases(), ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", golden.trl_cases(), ids=lambda c: c["name"])
 def test_golden_trl_plus_flow(case):
     """Each TRL case's loss plus every FlowGRPO step's policy loss, lam = 1: the sum of the golden numbers."""
-    inp = {k: G.trl(f"inputs/{k}") for k in ("per_token_logps", "old_per_token_logps", "ref_per_token_logps",
+    inp = {k: golden.trl(f"inputs/{k}") for k in ("per_token_logps", "old_per_token_logps", "ref_per_token_logps",
                                              "advantages", "completion_mask")}
     text = text_grpo_loss(inp["per_token_logps"], inp["old_per_token_logps"], inp["advantages"],
                           inp["completion_mask"], case["epsilon_low"], case["loss_type"], case["epsilon_high"],
                           inp["ref_per_token_logps"], case["beta"], level=case["importance_sampling_level"])
-    for variant, cfg, j in G.flow_cases():
+    for variant, cfg, j in golden.flow_cases():
         if cfg["rationorm"]:
             continue                                                     # Guard's policy term: test above
-        chain = G.chain_step(j)
-        flow = flow_grpo_loss(log_ratio(G.flow_step(variant, j, "log_prob_new"), chain["log_prob_old"]),
+        chain = golden.chain_step(j)
+        flow = flow_grpo_loss(log_ratio(golden.flow_step(variant, j, "log_prob_new"), chain["log_prob_old"]),
                               chain["advantages"], cfg["clip_range"], cfg["adv_clip_max"])
-        expected = case["loss"] + G.flow_step(variant, j, "policy_loss").item()
+        expected = case["loss"] + golden.flow_step(variant, j, "policy_loss").item()
         assert unified_loss(text, flow).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 

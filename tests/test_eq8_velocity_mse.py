@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import _golden as G
+import _golden as golden
 from losses import flow_grpo_loss, latent_kl, log_ratio, ratio_norm, velocity_mse
 
 
@@ -61,31 +61,31 @@ def test_latent_kl_exact_is_gaussian_kl_per_sample():
 
 
 # --- golden: FlowGRPO / GRPO-Guard kl_loss and loss at every step of the beta > 0 variants ------------------
-KL_CASES = [c for c in G.flow_cases() if c[1]["beta"] > 0]
+KL_CASES = [c for c in golden.flow_cases() if c[1]["beta"] > 0]
 
 
-@pytest.mark.parametrize("case", KL_CASES, ids=G.flow_case_id)
+@pytest.mark.parametrize("case", KL_CASES, ids=golden.flow_case_id)
 def test_golden_kl_loss(case):
     variant, cfg, j = case
-    chain = G.chain_step(j)
-    std = G.transition_std(variant, j)
-    dt = -G.flow_step(variant, j, "sqrt_neg_dt") ** 2
+    chain = golden.chain_step(j)
+    std = golden.transition_std(variant, j)
+    dt = -golden.flow_step(variant, j, "sqrt_neg_dt") ** 2
     kl = latent_kl(chain["mean_new"], chain["mean_ref"], std, dt)
-    assert torch.allclose(kl.reshape(1), G.flow_step(variant, j, "kl_loss"), rtol=1e-5, atol=1e-12)
+    assert torch.allclose(kl.reshape(1), golden.flow_step(variant, j, "kl_loss"), rtol=1e-5, atol=1e-12)
 
     # the same value from the velocities: relates Eq. 8's MSE to the latent KL it replaces (fp32 cancellation
     # in the official mean difference limits this to about 1e-6 relative; 2e-4 leaves room for other seeds)
-    sd, sigma = G.flow_step(variant, j, "std_dev_t").reshape(-1).double(), chain["sigma"].double()
+    sd, sigma = golden.flow_step(variant, j, "std_dev_t").reshape(-1).double(), chain["sigma"].double()
     dt_b = dt.reshape(-1).double()
     per_sample = [velocity_mse(chain["v_new"][b].double(), chain["v_ref"][b].double())
                   * dt_b[b] ** 2 * (1 + sd[b] ** 2 * (1 - sigma[b]) / (2 * sigma[b])) ** 2 / (2 * sd[b] ** 2)
                   for b in range(len(sd))]
-    assert torch.allclose(torch.stack(per_sample).mean().float().reshape(1), G.flow_step(variant, j, "kl_loss"),
+    assert torch.allclose(torch.stack(per_sample).mean().float().reshape(1), golden.flow_step(variant, j, "kl_loss"),
                           rtol=2e-4, atol=1e-12)
 
     # loss = policy + beta * kl, with the variant's own policy term
-    loss = G.flow_policy_term(variant, cfg, j) + cfg["beta"] * kl
-    assert torch.allclose(loss.reshape(1), G.flow_step(variant, j, "loss"), rtol=1e-5, atol=1e-7)
+    loss = golden.flow_policy_term(variant, cfg, j) + cfg["beta"] * kl
+    assert torch.allclose(loss.reshape(1), golden.flow_step(variant, j, "loss"), rtol=1e-5, atol=1e-7)
 
 
 def test_golden_kl_cases_exist():

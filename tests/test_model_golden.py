@@ -11,20 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import model as M
 
 FIX = Path(__file__).parent / "fixtures" / "bagel"
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-class IdTokenizer:
-    """The harness' stub tokenizer: the text is the list of token ids."""
-
-    def encode(self, text):
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids):
-        return " ".join(str(int(i)) for i in ids)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +24,10 @@ def meta():
 
 
 @pytest.fixture(scope="module")
-def policy():
+def policy(id_tokenizer):
     torch.set_num_threads(1)
-    return M.Policy.from_pretrained(FIX / "model", dtype=torch.float32, tokenizer=IdTokenizer(),
-                                    think_system_prompt=None).eval()
+    return checkpoint.from_pretrained(FIX / "model", dtype=torch.float32, tokenizer=id_tokenizer,
+                                      think_system_prompt=None).eval()
 
 
 def _load(name):
@@ -68,7 +59,7 @@ def test_config_read_from_folder(policy):
     llm = json.loads((FIX / "model" / "llm_config.json").read_text())
     bag = json.loads((FIX / "model" / "bagel_config.json").read_text())
     c = policy.cfg
-    for k in M.LLM_FIELDS:
+    for k in checkpoint.LLM_FIELDS:
         assert getattr(c, k) == llm[k], k
     assert (c.latent_patch_size, c.max_latent_size) == (bag["latent_patch_size"], bag["max_latent_size"])
     assert (c.latent_channels, c.latent_downsample) == (bag["vae_config"]["z_channels"], bag["vae_config"]["downsample"])

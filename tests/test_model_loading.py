@@ -1,4 +1,4 @@
-"""Loading and saving the official BAGEL layout (model.py): lossless round trip of the golden tiny checkpoint
+"""Loading and saving the official BAGEL layout (checkpoint.py): lossless round trip of the golden tiny checkpoint
 (extra ViT/connector keys included), dtype, shards, the toy checkpoint, clear errors, and the 7B layout built
 on the meta device and checked against the SPEC.md numbers."""
 import json
@@ -9,17 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import model as M
+import toy_policy
 
 FIX = Path(__file__).parent / "fixtures" / "bagel" / "model"
-
-
-class IdTokenizer:
-    def encode(self, text):
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids):
-        return " ".join(str(int(i)) for i in ids)
 
 
 @pytest.fixture
@@ -82,33 +76,33 @@ def test_spec_keys_match_the_official_golden_file():
 
 
 # ------------------------------------------------------------------------------------------ round trips
-def test_roundtrip_golden_with_extra_keys(ckpt, tmp_path):
+def test_roundtrip_golden_with_extra_keys(ckpt, tmp_path, id_tokenizer):
     vit = {"vit_model.vision_model.embeddings.patch_embedding.weight": torch.randn(8, 6).bfloat16(),
            "connector.fc1.weight": torch.randn(4, 8), "vit_pos_embed.pos_embed": torch.randn(9, 4)}
     _edit(ckpt, lambda sd: sd.update(vit))
-    pol = M.Policy.from_pretrained(ckpt, dtype=torch.float32, tokenizer=IdTokenizer())
+    pol = checkpoint.from_pretrained(ckpt, dtype=torch.float32, tokenizer=id_tokenizer)
     assert set(pol.extra_state) == set(vit) and pol.extra_state[next(iter(vit))].dtype == torch.bfloat16
     out = tmp_path / "out"
-    pol.save_pretrained(out)
+    checkpoint.save_pretrained(pol, out)
     src, dst = load_file(str(ckpt / "ema.safetensors")), load_file(str(out / "ema.safetensors"))
     assert set(src) == set(dst)
     for k in src:
         assert src[k].dtype == dst[k].dtype and torch.equal(src[k], dst[k]), k
-    assert M.BagelConfig.from_folder(out) == M.BagelConfig.from_folder(ckpt)
+    assert checkpoint.config_from_folder(out) == checkpoint.config_from_folder(ckpt)
     assert (out / "ae_tiny.safetensors").read_bytes() == (ckpt / "ae_tiny.safetensors").read_bytes()
     assert not [f.name for f in out.iterdir() if f.name.startswith(".")]   # atomic writes left no temp files
-    again = M.Policy.from_pretrained(out, dtype=torch.float32, tokenizer=IdTokenizer())
+    again = checkpoint.from_pretrained(out, dtype=torch.float32, tokenizer=id_tokenizer)
     assert all(torch.equal(a, b) for a, b in zip(pol.model.state_dict().values(), again.model.state_dict().values()))
 
 
-def test_dtype_and_frozen_table(ckpt):
-    pol = M.Policy.from_pretrained(ckpt, dtype=torch.bfloat16, tokenizer=IdTokenizer(), think_system_prompt=None)
+def test_dtype_and_frozen_table(ckpt, id_tokenizer):
+    pol = checkpoint.from_pretrained(ckpt, dtype=torch.bfloat16, tokenizer=id_tokenizer, think_system_prompt=None)
     assert {p.dtype for p in pol.model.parameters()} == {torch.bfloat16}
     assert not pol.model.latent_pos_embed.pos_embed.requires_grad
     ref = load_file(str(ckpt / "ema.safetensors"))
     assert torch.equal(pol.model.vae2llm.weight, ref["vae2llm.weight"].bfloat16())
     # bf16 runs end to end and stays within bf16 rounding of fp32 (README: ~0.1 abs on O(1) values)
-    f32 = M.Policy.from_pretrained(ckpt, dtype=torch.float32, tokenizer=IdTokenizer(), think_system_prompt=None)
+    f32 = checkpoint.from_pretrained(ckpt, dtype=torch.float32, tokenizer=id_tokenizer, think_system_prompt=None)
     th = f32.think(["5 6 7"], n=2, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
     hw = (2 * pol.cfg.stride, 2 * pol.cfg.stride)
     N, D = f32.latent_shape(hw)
@@ -121,7 +115,7 @@ def test_dtype_and_frozen_table(ckpt):
     torch.testing.assert_close(v, a.v[:, 0], atol=0.15, rtol=0.05)
 
 
-def test_sharded_checkpoint(ckpt):
+def test_sharded_checkpoint(ckpt, id_tokenizer):
     sd = load_file(str(ckpt / "ema.safetensors"))
     keys = sorted(sd)
     halves = {"ema-00001-of-00002.safetensors": keys[::2], "ema-00002-of-00002.safetensors": keys[1::2]}
@@ -130,56 +124,58 @@ def test_sharded_checkpoint(ckpt):
     (ckpt / "ema.safetensors.index.json").write_text(
         json.dumps({"weight_map": {k: name for name, ks in halves.items() for k in ks}}))
     (ckpt / "ema.safetensors").unlink()
-    pol = M.Policy.from_pretrained(ckpt, dtype=torch.float32, tokenizer=IdTokenizer())
+    pol = checkpoint.from_pretrained(ckpt, dtype=torch.float32, tokenizer=id_tokenizer)
     assert all(torch.equal(v, sd[k]) for k, v in pol.model.state_dict().items())
 
 
 def test_toy_checkpoint_roundtrip(tmp_path):
-    tok = M.WordTokenizer("red blue circle square".split())
-    cfg = M.BagelConfig.toy(tok, ground_words=["red", "blue"], hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=1)
-    pol = M.Policy.from_config(cfg, tok, seed=3)
-    pol.save_pretrained(tmp_path / "toy")
-    back = M.Policy.from_pretrained(tmp_path / "toy", dtype=torch.float32)
-    assert back.cfg == cfg and back.tokenizer.vocab == tok.vocab
+    tok = toy_policy.WordTokenizer("red blue circle square".split())
+    cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    hook = toy_policy.Grounding.from_words(tok, ["red", "blue"])
+    pol = M.Policy.from_config(cfg, tok, seed=3, embed_hook=hook)
+    checkpoint.save_pretrained(pol, tmp_path / "toy")
+    back = toy_policy.from_pretrained(tmp_path / "toy", dtype=torch.float32)
+    assert back.cfg == cfg and back.tokenizer.vocab == tok.vocab and back.embed_hook.spec() == hook.spec()
     assert all(torch.equal(v, back.model.state_dict()[k]) for k, v in pol.model.state_dict().items())
     a = pol.think(["red circle"], n=2, max_new_tokens=3, temperature=0)
     b = back.think(["red circle"], n=2, max_new_tokens=3, temperature=0)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.logp, b.logp)
+    with pytest.raises(ValueError, match="toy_policy.from_pretrained"):   # not silently without its tokenizer
+        checkpoint.from_pretrained(tmp_path / "toy")
 
 
 # ------------------------------------------------------------------------------------------ errors
 def test_missing_folder_and_files(ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        M.Policy.from_pretrained(tmp_path / "nowhere")
+        checkpoint.from_pretrained(tmp_path / "nowhere")
     (ckpt / "ema.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="ema.safetensors"):
-        M.Policy.from_pretrained(ckpt)
+        checkpoint.from_pretrained(ckpt)
     (ckpt / "llm_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="llm_config.json"):
-        M.Policy.from_pretrained(ckpt)
+        checkpoint.from_pretrained(ckpt)
 
 
 def test_missing_key(ckpt):
     _edit(ckpt, lambda sd: sd.pop("language_model.model.layers.1.self_attn.k_norm_moe_gen.weight"))
     with pytest.raises(KeyError, match=r"layers\.1\.self_attn\.k_norm_moe_gen\.weight"):
-        M.Policy.from_pretrained(ckpt)
+        checkpoint.from_pretrained(ckpt)
 
 
 def test_unexpected_key(ckpt):
     _edit(ckpt, lambda sd: sd.update({"language_model.model.layers.0.mlp.extra_proj.weight": torch.zeros(2)}))
     with pytest.raises(KeyError, match=r"mlp\.extra_proj\.weight"):
-        M.Policy.from_pretrained(ckpt)
+        checkpoint.from_pretrained(ckpt)
 
 
 def test_wrong_shape(ckpt):
     _edit(ckpt, lambda sd: sd.update({"llm2vae.bias": torch.zeros(sd["llm2vae.bias"].numel() + 1)}))
     with pytest.raises(ValueError, match=r"llm2vae\.bias"):
-        M.Policy.from_pretrained(ckpt)
+        checkpoint.from_pretrained(ckpt)
 
 
 def test_image_size_errors_and_missing_codec(ckpt):
-    pol = M.Policy.from_pretrained(ckpt, dtype=torch.float32)
+    pol = checkpoint.from_pretrained(ckpt, dtype=torch.float32)
     stride = pol.cfg.stride
     assert stride == pol.cfg.latent_downsample * pol.cfg.latent_patch_size
     with pytest.raises(ValueError, match="image_hw"):

@@ -9,55 +9,36 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import model as M
+import toy_policy
 
 FIX = Path(__file__).parent / "fixtures" / "bagel"
 WORDS = "red green blue circle square two plus one".split()
 
 
-class IdTokenizer:
-    def encode(self, text):
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids):
-        return " ".join(str(int(i)) for i in ids)
-
-
-def randomize(policy, seed):
-    """Fixture-style weights (norms 1 + 0.1 N, biases 0.05 N, matrices N/sqrt(fan_in)) so nothing is trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in policy.model.named_parameters():
-            if name.startswith("latent_pos_embed."):
-                continue
-            r = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * r if "norm" in name else 0.05 * r if p.ndim == 1 else r / math.sqrt(p.shape[-1])
-                    if "embed_tokens" not in name else r)
-    return policy
-
-
 @pytest.fixture(scope="module")
 def tok():
-    return M.WordTokenizer(WORDS)
+    return toy_policy.WordTokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")
-def toy(tok):
+def toy(tok, randomize):
     torch.set_num_threads(1)
-    cells = tok.encode("red green blue circle")  # 4 ground tokens -> cells 0..3 of the 4x4 grid
+    hook = toy_policy.Grounding(tok.encode("red green blue circle"))  # 4 ground tokens -> cells 0..3 of the grid
     cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_key_value_heads=2, ground_token_ids=cells)
-    policy = randomize(M.Policy.from_config(cfg, tok, seed=0), seed=1).eval()
+                            num_key_value_heads=2)
+    policy = randomize(M.Policy.from_config(cfg, tok, seed=0, embed_hook=hook), seed=1).eval()
     with torch.no_grad():  # softer logits so that the stop token is sampled in a few steps (ragged rows)
         policy.model.language_model.lm_head.weight.mul_(0.3)
     return policy
 
 
 @pytest.fixture(scope="module")
-def golden():
+def golden(id_tokenizer):
     torch.set_num_threads(1)
-    return M.Policy.from_pretrained(FIX / "model", dtype=torch.float32, tokenizer=IdTokenizer(),
-                                    think_system_prompt=None).eval()
+    return checkpoint.from_pretrained(FIX / "model", dtype=torch.float32, tokenizer=id_tokenizer,
+                                      think_system_prompt=None).eval()
 
 
 @pytest.fixture(scope="module")
@@ -68,26 +49,16 @@ def golden_prompts():
 
 
 # ------------------------------------------------------------------------------------------ tokenizer, config
-def test_word_tokenizer(tok):
-    assert [tok.pad_id, tok.im_start_id, tok.im_end_id, tok.vision_start_id, tok.vision_end_id] == list(range(5))
-    assert tok.vocab_size == 5 + len(WORDS)
-    ids = tok.encode("two plus one red circle")
-    assert ids == [5 + WORDS.index(w) for w in "two plus one red circle".split()]
-    assert tok.decode(ids) == "two plus one red circle" and tok.encode("") == []
-    with pytest.raises(ValueError, match="purple"):
-        tok.encode("a purple circle")
-
-
 def test_toy_preset(tok):
-    cfg = M.BagelConfig.toy(tok, ground_words=["red", "blue"])
+    cfg = M.BagelConfig.toy(tok)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.rope_theta) == (128, 4, 4, 1e6)
     assert cfg.timestep_shift == 3.0 and M.BagelConfig.bagel_7b().timestep_shift == 1.0
     assert (cfg.codec, cfg.prediction, cfg.latent_channels, cfg.latent_downsample) == ("pixels", "x0", 3, 1)
     assert cfg.grid(cfg.image_hw) == (4, 4) and cfg.patch_dim == 192 and cfg.max_latent_size == 4
-    assert cfg.ground_token_ids == tuple(tok.encode("red blue")) and cfg.vocab_size == tok.vocab_size
+    assert cfg.vocab_size == tok.vocab_size
     assert M.BagelConfig.toy(13).vocab_size == 13
     b = M.BagelConfig.bagel_7b()  # the toy-only fields are off in the 7B preset
-    assert (b.codec, b.prediction, b.ground_token_ids, b.image_hw, b.stride) == ("flux", "velocity", (), (1024, 1024), 16)
+    assert (b.codec, b.prediction, b.image_hw, b.stride) == ("flux", "velocity", (1024, 1024), 16)
     assert b.think_system_prompt == M.GEN_THINK_SYSTEM_PROMPT and cfg.think_system_prompt is None
     with pytest.raises(ValueError, match="prediction"):
         M.BagelConfig.toy(13, prediction="eps")
@@ -292,82 +263,23 @@ def test_x0_prediction_is_velocity_of_x0_hat(toy):
     torch.testing.assert_close(v, (x_t - x0_hat) / t.clamp(min=0.05)[:, None, None])
 
 
-def test_grounding_embeddings(toy, tok):
-    """Deviation 5c: ground token k gets latent_pos_embed[row*max_latent_size + col] of cell k."""
-    cfg = toy.cfg
-    w = cfg.grid(cfg.image_hw)[1]
-    ids = torch.tensor([list(cfg.ground_token_ids) + [tok.encode("two")[0]]])
-    e = toy.model.embed_text(ids)
-    plain = toy.model.language_model.model.embed_tokens(ids)
-    table = toy.model.latent_pos_embed.pos_embed
-    assert cfg.ground_scale == 0.1  # the toy preset's weight of the grounding term
-    for k in range(len(cfg.ground_token_ids)):
-        torch.testing.assert_close(e[0, k] - plain[0, k], 0.1 * table[(k // w) * cfg.max_latent_size + k % w])
-    assert torch.equal(e[0, -1], plain[0, -1])
-
-
-def test_grounding_with_explicit_cells(tok):
-    """(word, cell) pairs: several tokens may share a cell; each gets that cell's latent position embedding."""
-    pairs = [("red", 5), ("blue", 5), ("two", 15)]
-    cfg = M.BagelConfig.toy(tok, ground_words=pairs, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    assert cfg.ground_token_cells == (5, 5, 15)
-    model = M.Policy.from_config(cfg, tok).model
-    ids = torch.tensor([tok.encode("blue two red circle")])
-    e = model.embed_text(ids) - model.language_model.model.embed_tokens(ids)
-    table, side = model.latent_pos_embed.pos_embed, cfg.max_latent_size
-    for j, k in enumerate([5, 15, 5]):
-        torch.testing.assert_close(e[0, j], cfg.ground_scale * table[(k // 4) * side + k % 4])
-    assert not e[0, 3].any()
-    with pytest.raises(ValueError, match="ground_token_cells"):
-        M.BagelConfig.toy(tok, ground_words=[("red", 16)])
-
-
 @pytest.fixture(scope="module")
-def toy_span(tok):
+def toy_span(tok, randomize):
     """Spans (deviation 5c): 'red' and 'blue' are cells 5 and 15; 'plus' ends a span (as do im_start/im_end)."""
-    cfg = M.BagelConfig.toy(tok, ground_words=[("red", 5), ("blue", 15)], span_end_words=["plus"],
-                            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2)
-    policy = randomize(M.Policy.from_config(cfg, tok, seed=0), seed=4).eval()
+    hook = toy_policy.Grounding.from_words(tok, [("red", 5), ("blue", 15)], span_end_words=["plus"])
+    cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2)
+    policy = randomize(M.Policy.from_config(cfg, tok, seed=0, embed_hook=hook), seed=4).eval()
     with torch.no_grad():
         policy.model.language_model.lm_head.weight.mul_(0.3)
     return policy
 
 
-def test_grounding_spans(toy_span, tok):
-    """A ground token's cell also grounds the tokens after it, up to the next span end; a new ground token
-    opens a new span; tokens before any ground token are plain."""
-    m, cfg = toy_span.model, toy_span.cfg
-    assert cfg.ground_span_end_ids == (*tok.encode("plus"), tok.im_start_id, tok.im_end_id)
-    text = "two red circle square plus one blue circle red two plus circle"
-    want = [-1, 5, 5, 5, -1, -1, 15, 15, 5, 5, -1, -1]
-    ids = torch.tensor([tok.encode(text)])
-    assert m.ground_cells(ids).tolist() == [want]
-    e = m.embed_text(ids) - m.language_model.model.embed_tokens(ids)
-    table, side = m.latent_pos_embed.pos_embed, cfg.max_latent_size
-    for j, k in enumerate(want):
-        if k < 0:
-            assert not e[0, j].any()
-        else:
-            torch.testing.assert_close(e[0, j], cfg.ground_scale * table[(k // 4) * side + k % 4])
-    # token by token with the carried open span == the whole sequence at once
-    carry, cells = torch.tensor([-1]), []
-    for j in range(ids.shape[1]):
-        c = m.ground_cells(ids[:, j:j + 1], carry)
-        cells.append(c.item())
-        carry = c[:, -1]
-    assert cells == want
-    with pytest.raises(ValueError, match="span_end_words"):
-        M.BagelConfig.toy(len(tok.vocab), span_end_words=["plus"])
-    with pytest.raises(ValueError, match="must not share"):
-        M.BagelConfig.toy(tok, ground_words=[("red", 5)], span_end_words=["red"])
-
-
 def test_agreement_toy_spans(toy_span, tok):
-    """KV-cached decoding carries the open span across calls (Context.ground): think's log-probs and the cached
-    velocities equal the packed training pass, which grounds the whole sequence at once."""
+    """KV-cached decoding carries the open span across calls (Context.hook_carry): think's log-probs and the
+    cached velocities equal the packed training pass, which grounds the whole sequence at once."""
     th = toy_span.think(["red circle", "two plus one blue square"], n=6, max_new_tokens=8, temperature=1.0,
                         generator=torch.Generator().manual_seed(5))
-    spans = toy_span.model.ground_cells(th.ids)
+    spans = toy_span.embed_hook.cells(th.ids)
     assert ((spans >= 0) & th.mask).sum() > 4 and (spans[:, 1:] >= 0).any()   # spans open while decoding
     _agreement(toy_span, th, toy_span.cfg.image_hw)
 
@@ -414,5 +326,4 @@ def test_tokenizer_must_agree_with_the_config(tok):
     with pytest.raises(ValueError, match="im_end"):
         M.Policy.from_config(dataclasses.replace(cfg, im_end_id=cfg.vision_start_id, vision_start_id=cfg.im_end_id), tok)
     with pytest.raises(ValueError, match="vocab_size"):
-        M.Policy.from_config(dataclasses.replace(cfg, vocab_size=tok.vocab_size - 1,
-                                                 ground_token_ids=(), ground_token_cells=()), tok)
+        M.Policy.from_config(dataclasses.replace(cfg, vocab_size=tok.vocab_size - 1), tok)

@@ -1,7 +1,7 @@
 """The Qwen2 tokenizer path of model.py, offline: a tiny byte-level BPE tokenizer in Qwen2's format, with Bagel's
 four special tokens at the ids the golden bagel_config.json names, saved next to the golden tiny checkpoint.
 Policy.from_pretrained picks it up; prompts are encoded the way Bagel does ([im_start] + encode(text) + [im_end]);
-think() decodes its samples with it; Policy.save_pretrained / from_pretrained round-trip it."""
+think() decodes its samples with it; checkpoint.save_pretrained / from_pretrained round-trip it."""
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +13,7 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerBase, Qwen2TokenizerFast
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-import model as M
+import checkpoint
 
 FIX = Path(__file__).parent / "fixtures" / "bagel" / "model"
 # Bagel's names in new_token_ids (data_utils.add_special_tokens) -> the Qwen2.5 token each one is the id of
@@ -63,7 +63,7 @@ def folder(tmp_path_factory):
 
 
 def load(d):
-    return M.Policy.from_pretrained(d, dtype=torch.float32).eval()
+    return checkpoint.from_pretrained(d, dtype=torch.float32).eval()
 
 
 def test_tiny_tokenizer_is_qwen2_like():
@@ -135,7 +135,7 @@ def test_think_texts_are_decoded_samples(folder):
 def test_save_pretrained_round_trips_the_tokenizer(folder, tmp_path):
     d, tok = folder
     policy = load(d)
-    policy.save_pretrained(tmp_path / "out")
+    checkpoint.save_pretrained(policy, tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer_config.json").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
     again = load(tmp_path / "out")
     assert type(again.tokenizer) is type(policy.tokenizer) and len(again.tokenizer) == len(tok)

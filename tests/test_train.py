@@ -4,6 +4,10 @@ import json
 import pytest
 import torch
 
+import checkpoint
+import config
+import toy
+import toy_policy
 import train
 import unigrpo
 
@@ -75,7 +79,7 @@ def test_resume_refuses_another_runs_checkpoint(tmp_path):
 def test_truncate_jsonl_drops_a_torn_line(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "rew')
-    train.truncate_jsonl(path, 2)
+    checkpoint.truncate_jsonl(path, 2)
     assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
 
 
@@ -93,58 +97,57 @@ def test_truncate_jsonl_drops_a_torn_line(tmp_path):
 ])
 def test_bad_command_lines_fail_clearly(argv, message):
     with pytest.raises(SystemExit, match=message):
-        train.parse_args(argv)
+        config.parse_args(argv)
 
 
 def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="corrupt"):
-        train.load_checkpoint(bad)
+        checkpoint.load_training(bad)
     assert bad.read_bytes() == b"not a checkpoint"
 
 
 def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.atomic_save({"a": torch.ones(3)}, path)
+    checkpoint.atomic_write(path, lambda tmp: torch.save({"a": torch.ones(3)}, tmp))
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
-        train.atomic_save({"a": torch.zeros(3)}, path)
+        checkpoint.atomic_write(path, lambda tmp: torch.save({"a": torch.zeros(3)}, tmp))
     assert torch.equal(torch.load(path)["a"], torch.ones(3))
 
 
 def test_sft_batch_noise_corrupts_plans_and_images_at_the_configured_rate():
     """sft_noise = p: plans are wrong for their prompt, and images differ from their plan, each at about rate p
     (one corrupt_layout edit; some edits are harmless to the prompt, so the plan rate is a little lower)."""
-    import reward
-    clean, _ = train.parse_args(["--toy", "--sft_batch=400", "--sft_noise=0"])
-    noisy, _ = train.parse_args(["--toy", "--sft_batch=400", "--sft_noise=0.3"])
-    prompts, plans, images = train.sft_batch(clean, 0)
-    assert reward.score_plans(plans, prompts).all_correct.all()
-    assert reward.score_images(images, prompts).all_correct.all()
-    prompts_n, plans_n, images_n = train.sft_batch(noisy, 0)
+    clean, _ = config.parse_args(["--toy", "--sft_batch=400", "--sft_noise=0"])
+    noisy, _ = config.parse_args(["--toy", "--sft_batch=400", "--sft_noise=0.3"])
+    prompts, plans, images = toy_policy.sft_batch(clean, 0)
+    assert toy.score_plans(plans, prompts).all_correct.all()
+    assert toy.score_images(images, prompts).all_correct.all()
+    prompts_n, plans_n, images_n = toy_policy.sft_batch(noisy, 0)
     assert [p.text for p in prompts_n] == [p.text for p in prompts]
-    bad_plan = 1 - reward.score_plans(plans_n, prompts_n).all_correct.float().mean().item()
-    drawn, planned = reward.plan_following(plans_n, images_n)
-    objs = [reward.parse_plan(t) for t in plans_n]
+    bad_plan = 1 - toy.score_plans(plans_n, prompts_n).all_correct.float().mean().item()
+    drawn, planned = toy.plan_following(plans_n, images_n)
+    objs = [toy.parse_plan(t) for t in plans_n]
     image_off = sum(sorted((d.colour, d.shape, int(d.y // 8) * 4 + int(d.x // 8)) for d in det)
                     != sorted((o.colour, o.shape, o.cell) for o in obj)
-                    for det, obj in zip(reward.detect_batch(images_n), objs)) / len(objs)
+                    for det, obj in zip(toy.detect_batch(images_n), objs)) / len(objs)
     assert 0.15 < bad_plan < 0.3 and 0.2 < image_off < 0.4, (bad_plan, image_off)
     assert drawn < planned
 
 
 def test_sft_cache_is_reused_for_the_same_data_and_not_after_a_data_change(tmp_path, monkeypatch):
-    cfg, _ = train.parse_args(["--toy", "--sft_steps=3", "--sft_batch=4"])
+    cfg, _ = config.parse_args(["--toy", "--sft_steps=3", "--sft_batch=4"])
     policy = train.build_policy(cfg)
-    assert train.sft(policy, cfg, tmp_path, print) > 0                       # trained and saved
-    assert len(list(tmp_path.glob("sft-*.pt"))) == 1
-    assert train.sft(train.build_policy(cfg), cfg, tmp_path, print) == 0.0   # loaded
-    real = train.reward.plan_text
-    monkeypatch.setattr(train.reward, "plan_text", lambda layout: real(layout[::-1]))  # other plan order
-    assert train.sft(train.build_policy(cfg), cfg, tmp_path, print) > 0      # new data: trained again
-    assert len(list(tmp_path.glob("sft-*.pt"))) == 2
+    assert toy_policy.sft(policy, cfg, tmp_path, print) > 0                       # trained and saved
+    assert len(list(tmp_path.glob("sft-*"))) == 1
+    assert toy_policy.sft(train.build_policy(cfg), cfg, tmp_path, print) == 0.0   # loaded
+    real = toy.plan_text
+    monkeypatch.setattr(toy, "plan_text", lambda layout: real(layout[::-1]))      # other plan order
+    assert toy_policy.sft(train.build_policy(cfg), cfg, tmp_path, print) > 0      # new data: trained again
+    assert len(list(tmp_path.glob("sft-*"))) == 2

@@ -4,38 +4,39 @@ import dataclasses
 import pytest
 import torch
 
+import config
 import losses
-import reward
-import train
+import toy
+import toy_policy
 import unigrpo
+from model import train_timesteps
 
 torch.set_num_threads(1)
 
 
 def small_cfg(**kw):
-    cfg = dataclasses.replace(unigrpo.Config(), **train.PRESETS["toy"])
+    cfg = config.Config(**config.PRESETS["toy"])
     base = dict(prompts_per_step=2, group_size=4, max_think_tokens=12, num_steps=6, window_start=(0, 2),
                 window_size=2, minibatches=2, ppo_epochs=1, sft_steps=0, eval_per_category=2, out_dir="unused")
     return dataclasses.replace(cfg, **{**base, **kw}).validate()
 
 
 @pytest.fixture(scope="module")
-def toy_policy():
+def policy(randomize):
     """Random, non-trivial weights (Bagel's init zeroes llm2vae, which would make every velocity path agree)."""
-    from test_model_policy import randomize
-    return randomize(train.build_policy(small_cfg()), seed=3).eval()
+    return randomize(toy_policy.build_policy(small_cfg().seed), seed=3).eval()
 
 
-def test_on_policy_ratio_is_one_before_any_update(toy_policy):
+def test_on_policy_ratio_is_one_before_any_update(policy):
     """Rollout (cached path) and update (packed train_forward) agree: text and image ratios are 1."""
     cfg = small_cfg()
     g = torch.Generator().manual_seed(0)
-    prompts = train.train_prompts(cfg, 0, cfg.prompts_per_step)
-    ro = unigrpo.rollout(toy_policy, prompts, reward.ToyReward(), cfg, g)
+    prompts = toy.train_prompts(cfg.seed, 0, cfg.prompts_per_step)
+    ro = unigrpo.rollout(policy, prompts, toy.ToyReward(), cfg, g)
     idx = torch.arange(ro.rewards.shape[0])
     th = ro.thoughts.select(idx)
     with torch.no_grad():
-        out = toy_policy.train_forward(th, ro.traj.x_t, ro.traj.t)
+        out = policy.train_forward(th, ro.traj.x_t, ro.traj.t)
         new = unigrpo.window_step(ro.traj, idx, out.v, cfg)
     assert th.mask.any(), "the toy policy produced no reasoning tokens"
     text_lr = losses.log_ratio(out.logp, th.logp)[th.mask]
@@ -46,24 +47,24 @@ def test_on_policy_ratio_is_one_before_any_update(toy_policy):
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_unified_objective_is_on_policy_before_any_update(toy_policy, cfg_scale):
+def test_unified_objective_is_on_policy_before_any_update(policy, cfg_scale):
     """Through the update's own code path (RatioNorm, and the guided velocity when CFG is on): r = 1, no clipping."""
     cfg = small_cfg(cfg_scale=cfg_scale, clip_flow=1e-6)
     g = torch.Generator().manual_seed(4)
-    ro = unigrpo.rollout(toy_policy, train.train_prompts(cfg, 4, cfg.prompts_per_step), reward.ToyReward(), cfg, g)
-    uncond = unigrpo.uncond_thoughts(toy_policy, ro.rewards.shape[0]) if cfg_scale != 1 else None
+    ro = unigrpo.rollout(policy, toy.train_prompts(cfg.seed, 4, cfg.prompts_per_step), toy.ToyReward(), cfg, g)
+    uncond = unigrpo.uncond_thoughts(policy, ro.rewards.shape[0]) if cfg_scale != 1 else None
     with torch.no_grad():
-        _, stats = unigrpo.unified_objective(toy_policy, None, ro, torch.arange(ro.rewards.shape[0]), cfg, uncond)
+        _, stats = unigrpo.unified_objective(policy, None, ro, torch.arange(ro.rewards.shape[0]), cfg, uncond)
     assert abs(stats["ratio_min"] - 1) < 1e-6 and abs(stats["ratio_max"] - 1) < 1e-6, stats
     assert stats["clip_frac_flow"] == 0 and stats["clip_frac_text"] == 0
 
 
-def test_text_and_image_actions_share_the_trajectory_advantage(toy_policy, monkeypatch):
+def test_text_and_image_actions_share_the_trajectory_advantage(policy, monkeypatch):
     cfg = small_cfg()
     g = torch.Generator().manual_seed(1)
-    prompts = train.train_prompts(cfg, 1, cfg.prompts_per_step)
+    prompts = toy.train_prompts(cfg.seed, 1, cfg.prompts_per_step)
     rewards = torch.tensor([0.0, 1.0, 0.5, 0.25, 1.0, 1.0, 0.0, 0.5])
-    ro = unigrpo.rollout(toy_policy, prompts, lambda imgs, ps: rewards[:len(ps)], cfg, g)
+    ro = unigrpo.rollout(policy, prompts, lambda imgs, ps: rewards[:len(ps)], cfg, g)
     torch.testing.assert_close(ro.advantages, losses.group_advantages(rewards, cfg.group_size))
     seen = {}
 
@@ -76,10 +77,17 @@ def test_text_and_image_actions_share_the_trajectory_advantage(toy_policy, monke
     monkeypatch.setattr(losses, "text_grpo_loss", spy("text", losses.text_grpo_loss, 2))
     monkeypatch.setattr(losses, "flow_grpo_loss", spy("flow", losses.flow_grpo_loss, 1))
     idx = torch.tensor([5, 0, 3])
-    ref = unigrpo.reference_copy(toy_policy)
-    unigrpo.unified_objective(toy_policy, ref, ro, idx, cfg)
+    ref = unigrpo.reference_policy(lambda: reference_of(policy))
+    unigrpo.unified_objective(policy, ref, ro, idx, cfg)
     torch.testing.assert_close(seen["text"], ro.advantages[idx])
     torch.testing.assert_close(seen["flow"], ro.advantages[idx])
+
+
+def reference_of(policy):
+    """A fresh toy policy holding `policy`'s weights (how train.py builds the frozen reference)."""
+    ref = toy_policy.build_policy()
+    ref.load_state_dict(policy.state_dict())
+    return ref
 
 
 def _changed(before, policy, names):
@@ -89,15 +97,15 @@ def _changed(before, policy, names):
 @pytest.mark.parametrize("parts", ["both", "text", "image"])
 def test_one_update_changes_exactly_the_experts_it_should(parts):
     cfg = small_cfg(train_parts=parts, lr_reasoning=1e-3, lr_denoising=1e-3, clip_flow=0.2)
-    policy = train.build_policy(cfg)
+    policy = toy_policy.build_policy(cfg.seed)
     groups = {k: {n for n, p in policy.named_parameters() if any(p is q for q in v)}
               for k, v in policy.param_groups().items()}
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     g = torch.Generator().manual_seed(2)
-    prompts = train.train_prompts(cfg, 2, cfg.prompts_per_step)
+    prompts = toy.train_prompts(cfg.seed, 2, cfg.prompts_per_step)
     ramp = torch.linspace(0, 1, cfg.prompts_per_step * cfg.group_size)
     ro = unigrpo.rollout(policy, prompts, lambda imgs, ps: ramp[:len(ps)], cfg, g)
-    ref = unigrpo.reference_copy(policy)
+    ref = unigrpo.reference_policy(lambda: reference_of(policy))
     opt = unigrpo.make_optimizer(policy, cfg)
     stats = unigrpo.update(policy, ref, opt, ro, cfg, g)
     changed_r = _changed(before, policy, groups["reasoning"])
@@ -132,18 +140,18 @@ def test_config_rejects_bad_values():
         small_cfg(minibatches=0)
 
 
-def test_sft_loss_is_plan_ce_plus_weighted_flow_mse(toy_policy):
+def test_sft_loss_is_plan_ce_plus_weighted_flow_mse(policy):
     """SFT = CE of the plan tokens (teacher-forced on the cached text path) + w * MSE(v, eps - x_0) at the
     logit-normal t drawn from the generator, re-derived here from forward_text and velocity()."""
-    prompts = [reward.make_prompt(c, i) for i, c in enumerate(reward.CATEGORIES[:3])]
-    layouts = [reward.random_layout(p, i) for i, p in enumerate(prompts)]
-    plans, images = [reward.plan_text(l) for l in layouts], reward.render_batch(layouts)
+    prompts = [toy.make_prompt(c, i) for i, c in enumerate(toy.CATEGORIES[:3])]
+    layouts = [toy.random_layout(p, i) for i, p in enumerate(prompts)]
+    plans, images = [toy.plan_text(l) for l in layouts], toy.render_batch(layouts)
     with torch.no_grad():
-        loss1, st1 = unigrpo.sft_loss(toy_policy, prompts, plans, images, torch.Generator().manual_seed(0))
-        loss3, st3 = unigrpo.sft_loss(toy_policy, prompts, plans, images, torch.Generator().manual_seed(0),
+        loss1, st1 = toy_policy.sft_loss(policy, prompts, plans, images, torch.Generator().manual_seed(0))
+        loss3, st3 = toy_policy.sft_loss(policy, prompts, plans, images, torch.Generator().manual_seed(0),
                                       mse_weight=3.0)
     assert st1 == st3 and loss3.item() == pytest.approx(loss1.item() + 2 * st1["sft_mse"], rel=1e-5)
-    pol, c = toy_policy, toy_policy.cfg
+    pol, c = policy, policy.cfg
     nll, n = 0.0, 0
     for p, plan in zip(prompts, plans):
         tail = [c.im_start_id] + pol.tokenizer.encode(plan) + [c.im_end_id]
@@ -157,7 +165,7 @@ def test_sft_loss_is_plan_ce_plus_weighted_flow_mse(toy_policy):
     assert st1["sft_ce"] == pytest.approx(nll / n, rel=1e-4)
     g = torch.Generator().manual_seed(0)
     x_0 = pol.encode(images * 2 - 1)
-    t = unigrpo.model_lib.train_timesteps(torch.randn(3, generator=g), c.timestep_shift)
+    t = train_timesteps(torch.randn(3, generator=g), c.timestep_shift)
     eps = torch.randn(x_0.shape, generator=g)
     with torch.no_grad():
         ctx = pol.context(pol.thoughts_from_text([p.text for p in prompts], plans))

@@ -1,0 +1,40 @@
+"""What the tests share: a tokenizer stub for the golden checkpoint (its prompts are ids written as text) and a
+random init with non-trivial weights."""
+import math
+
+import pytest
+import torch
+
+
+class IdTokenizer:
+    """Text of space-separated ids <-> ids (the golden fixtures' prompts are ids)."""
+
+    def encode(self, text):
+        return [int(x) for x in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def randomize_weights(policy, seed):
+    """Fixture-style weights (norms 1 + 0.1 N, biases 0.05 N, matrices N/sqrt(fan_in)) so nothing is trivial;
+    Bagel's own init zeroes llm2vae, which would make every velocity path agree."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if name.startswith("latent_pos_embed."):
+                continue
+            r = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * r if "norm" in name else 0.05 * r if p.ndim == 1 else r / math.sqrt(p.shape[-1])
+                    if "embed_tokens" not in name else r)
+    return policy
+
+
+@pytest.fixture(scope="session")
+def id_tokenizer():
+    return IdTokenizer()
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    return randomize_weights
