@@ -1,15 +1,15 @@
 """Checkpoints: BAGEL's official layout (load, save), training checkpoints with exact resume, and run folders.
 
-Official layout (a BAGEL-7B-MoT folder): llm_config.json (Qwen2), optional bagel_config.json (latent sizes,
-vae_config, new_token_ids), ema.safetensors or shards with a *.safetensors.index.json, the Qwen2 tokenizer files,
-ae.safetensors (read at the first encode/decode), and ViT weights that are kept untouched. Loading builds the
-model on the meta device and reads the weights memory-mapped straight into it (one copy in memory).
+Official layout (a BAGEL-7B-MoT folder): llm_config.json (Qwen2), optional bagel_config.json (latent
+sizes, vae_config, new_token_ids), ema.safetensors or shards with a *.safetensors.index.json, the Qwen2
+tokenizer files, ae.safetensors (read at the first encode/decode), and ViT weights, kept untouched.
+Loading builds the model on the meta device and reads the weights memory-mapped straight into it.
 
-Training checkpoints hold plain tensors and numbers only (policy and optimizer state, the generator state, the
-step, the config as a dict) and load with weights_only=True: a crafted file cannot run code. Every file is
-written to a unique temp file in its folder, then renamed (a kill never leaves a torn file, and two writers
-never share a temp file); nothing non-finite is ever written. A run folder is locked by its process, and a
-fresh run never silently replaces another run's checkpoint or metrics.
+Training checkpoints hold plain tensors and numbers only (policy and optimizer state, the generator
+state, the step, the config as a dict) and load with weights_only=True: a crafted file cannot run code.
+Every file is written to a unique temp file in its folder, then renamed (a kill never leaves a torn
+file, and two writers never share a temp file); nothing non-finite is ever written. A run folder is
+locked by its process, and a fresh run never silently replaces another run's checkpoint or metrics.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,7 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import config
-from model import BagelConfig, BagelMoT, Policy, check_tokenizer
+from model import BagelConfig, BagelMoT, check_tokenizer
+from policy import Policy
 
 EXTRA_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")  # kept untouched, ViT not built
 LLM_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -66,13 +68,15 @@ def atomic_write(path: Path, write):
 
 
 def check_finite(where: str, **tensors):
-    """FloatingPointError naming `where` and the first non-finite quantity (tensors, or nested dicts of them)."""
+    """FloatingPointError naming `where` and the first non-finite quantity (tensors, floats, or nested
+    dicts of them)."""
     for name, value in tensors.items():
         if isinstance(value, dict):
             check_finite(where, **{f"{name}.{k}": v for k, v in value.items()})
-        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            raise FloatingPointError(f"{where}: non-finite {name}")
-        elif isinstance(value, float) and not torch.isfinite(torch.tensor(value)):
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            if not torch.isfinite(value).all():
+                raise FloatingPointError(f"{where}: non-finite {name}")
+        elif isinstance(value, float) and not math.isfinite(value):
             raise FloatingPointError(f"{where}: non-finite {name}")
 
 
@@ -103,7 +107,8 @@ def config_to_json(cfg: BagelConfig) -> tuple[dict, dict]:
     """(llm_config, bagel_config) dicts in the official layout (+ our fields in bagel_config)."""
     d = dataclasses.asdict(cfg)
     llm = {k: d.pop(k) for k in LLM_FIELDS}
-    llm.update(model_type="qwen2", qk_norm=True, tie_word_embeddings=False, layer_module="Qwen2MoTDecoderLayer")
+    llm.update(model_type="qwen2", qk_norm=True, tie_word_embeddings=False,
+               layer_module="Qwen2MoTDecoderLayer")
     d["new_token_ids"] = {k: getattr(cfg, v) for k, v in TOKEN_ROLES.items()}
     return llm, {**d, "visual_gen": True, "interpolate_pos": False}
 
@@ -144,7 +149,8 @@ def _safetensors(path: Path, device="cpu"):
 
 def from_pretrained(folder, dtype=torch.bfloat16, device="cpu", tokenizer=None, embed_hook=None,
                     **overrides) -> Policy:
-    """The Policy of an official-layout folder; `overrides` change BagelConfig fields (e.g. the system prompt)."""
+    """The Policy of an official-layout folder; `overrides` change BagelConfig fields (for example the
+    think-mode system prompt)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
@@ -161,7 +167,8 @@ def from_pretrained(folder, dtype=torch.bfloat16, device="cpu", tokenizer=None, 
     unexpected = sorted(k for k in set(found) - set(expected) if not k.startswith(EXTRA_PREFIXES))
     if missing or unexpected:
         raise KeyError(f"{folder}: state dict mismatch: missing keys {missing}; unexpected keys {unexpected}")
-    bad = [f"{k}: file {found[k][1]} vs model {shape}" for k, shape in expected.items() if found[k][1] != shape]
+    bad = [f"{k}: file {found[k][1]} vs model {shape}" for k, shape in expected.items()
+           if found[k][1] != shape]
     if bad:
         raise ValueError(f"{folder}: wrong tensor shapes: {bad}")
     state, extra = {}, {}
@@ -192,8 +199,8 @@ def _load_tokenizer(folder: Path):
 
 
 def save_pretrained(policy: Policy, folder):
-    """Write the official layout (each file atomically); the tokenizer and the embed hook save their own files;
-    other files of the source folder (ae.safetensors, vit_config.json, ...) are copied."""
+    """Write the official layout (each file atomically); the tokenizer and the embed hook save their own
+    files; other files of the source folder (ae.safetensors, vit_config.json, ...) are copied."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in policy.model.state_dict().items()}
@@ -224,8 +231,10 @@ def save_training(path: Path, step: int, policy, optimizer, generator, cfg):
     """Policy and optimizer state, generator state, step and config: plain tensors and numbers, finite."""
     state = {"step": step, "policy": policy.state_dict(), "opt": optimizer.state_dict(),
              "gen": generator.get_state(), "config": dataclasses.asdict(cfg)}
-    check_finite(f"checkpoint at RL step {step} (not written; {path} keeps the last good one)",
-                 policy=state["policy"], optimizer=state["opt"]["state"])
+    try:
+        check_finite(f"after {step} RL steps", policy=state["policy"], optimizer=state["opt"]["state"])
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}; the checkpoint was not written") from None
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

@@ -1,15 +1,15 @@
-"""The one config of a run: every number of the algorithm (paper defaults) and of the run, its presets, and the
-command line built from it.
+"""The one config of a run: every number of the algorithm (the paper's defaults) and of the run, the
+presets, and the command line built from the fields.
 
-    python train.py --help                     # every field, grouped, with its help and the paper's value
-    python train.py --toy --group_size=4       # a preset, then any field as --key=value (or --key value)
+    python train.py --help                  # every field, grouped, with its help and the paper's value
+    python train.py --toy --group_size=4    # a preset, then any field as --key=value (or --key value)
 
-`Config` is a flat dataclass: each field carries a one-line help (field metadata, as TRL's GRPOConfig does) and
-says whether a resumed run may change it (`resume_may_change`: where it writes, how it evaluates, how long it
-runs; never what it computes). Presets are plain dicts of overrides; the command line is generated from the
-fields, so there is one parser for train.py, the benchmarks and the notebooks.
+`Config` is a flat dataclass. Each field carries a one-line help (field metadata, as TRL's GRPOConfig
+does) and says whether a resumed run may change it (`resume_may_change`: where it writes, how long it
+runs, how it evaluates; never what it computes). Presets are dicts of overrides; the parser is
+generated from the fields, so train.py, the benchmarks and the notebooks share one command line.
 
-Glossary: B prompts per step, G group size, R = B*G rows, K window steps (the letters of every module).
+Glossary: B prompts per step, G group size, R = B*G rows, K window steps (as in every module).
 """
 from __future__ import annotations
 
@@ -38,12 +38,13 @@ def arg(group: str, default, help: str, *, resume_may_change: bool = False):
 class Config:
     """Every number of a run. Defaults are the paper's (arXiv 2603.23500); presets below."""
     # the run
-    name: str = arg("run", "run", "run folder: artifacts go to <out_dir>/<name>", resume_may_change=True)
+    name: str = arg("run", "run", "run folder: artifacts go to <out_dir>/<name>",
+                    resume_may_change=True)
     out_dir: str = arg("run", "runs", "parent folder of the run folders and of the SFT cache",
                        resume_may_change=True)
     seed: int = arg("run", 0, "seeds the init, the SFT data, the rollouts and the evaluation")
     device: str = arg("run", "cpu", "torch device: cpu, cuda, cuda:1, mps", resume_may_change=True)
-    dtype: str = arg("run", "float32", "weight dtype of a loaded checkpoint (--bagel: bfloat16); the toy is fp32")
+    dtype: str = arg("run", "float32", "weights of a loaded checkpoint (--bagel: bfloat16); toy: fp32")
     model: str = arg("run", "toy", "'toy', or a folder holding an official BAGEL checkpoint")
     ckpt_every: int = arg("run", 10, "write ckpt.pt every this many RL steps, and at the end",
                           resume_may_change=True)
@@ -54,12 +55,13 @@ class Config:
     max_think_tokens: int = arg("rollout", 512, "longest reasoning chain, in tokens")
     temperature: float = arg("rollout", 1.0, "sampling temperature of the reasoning (paper: 1)")
     num_steps: int = arg("rollout", 25, "denoising steps of a rollout (paper: 25)")
-    shift: float = arg("rollout", 3.0, "time shift s of the grid t' = s*t / (1 + (s - 1)*t) (paper: 3)")
+    shift: float = arg("rollout", 3.0, "shift s of the grid t' = s*t / (1 + (s - 1)*t) (paper: 3)")
     noise_level: float = arg("rollout", 0.8, "eta of the SDE steps, Eq. (3) (paper: 0.8)")
     window_start: tuple = arg("rollout", (0, 5), "first SDE step drawn from [lo, hi] (paper: 0,5)")
     window_size: int = arg("rollout", 3, "K: consecutive SDE steps of the window (paper: 3)")
     sde_kind: str = arg("rollout", "sde", "'sde' (Eq. (3)) or 'cps' (FlowGRPO-Fast's configs)")
-    logprob_reduce: str = arg("rollout", "mean", "log-prob over latent elements: 'mean' (FlowGRPO) or 'sum'")
+    logprob_reduce: str = arg("rollout", "mean", "log-prob over latent elements: 'mean' (FlowGRPO), "
+                                                 "'sum'")
     image_hw: tuple = arg("rollout", (1024, 1024), "image height,width in pixels (paper: 1024,1024)")
     cfg_scale: float = arg("rollout", 1.0, "text CFG in rollouts and evaluation (paper: 1, no CFG)")
     # the unified update
@@ -69,16 +71,18 @@ class Config:
     lr_denoising: float = arg("update", 3e-5, "AdamW rate of the denoising expert (paper: 3e-5)")
     weight_decay: float = arg("update", 0.0, "AdamW weight decay")
     grad_clip: float = arg("update", 1.0, "max global gradient norm")
-    train_parts: str = arg("update", "both", "'both' (UniGRPO), 'text' (TextGRPO only), 'image' (FlowGRPO only)")
+    train_parts: str = arg("update", "both", "'both' (UniGRPO), 'text' (TextGRPO only), 'image' "
+                                             "(FlowGRPO only)")
     lam: float = arg("update", 1.0, "lam: weight of J_flow in Eq. (7) (paper: 1)")
     clip_text: float = arg("update", 0.2, "clip_eps of the token ratios, Eq. (2)")
     clip_flow: float = arg("update", 1e-6, "clip_eps of the step ratios, Eq. (6) (paper: 1e-6)")
     adv_clip_max: float | None = arg("update", None, "clamp A to [-x, x] (FlowGRPO: 5; paper: none)")
-    adv_std: str = arg("update", "population", "std of Eq. (1): 'population' (FlowGRPO), 'sample', 'none'")
+    adv_std: str = arg("update", "population", "std of Eq. (1): 'population' (FlowGRPO), 'sample', "
+                                               "'none'")
     adv_scope: str = arg("update", "group", "std of Eq. (1) over the 'group' or the whole 'batch'")
-    text_reduction: str = arg("update", "grpo", "token reduction of Eq. (2): grpo, bnpo, dapo, dr_grpo")
+    text_reduction: str = arg("update", "grpo", "token reduction in Eq. (2): grpo, bnpo, dapo, dr_grpo")
     ratio_norm: bool = arg("update", True, "RatioNorm, Eq. (5) (paper: on)")
-    regulariser: str = arg("update", "velocity_mse", "'velocity_mse' (Eq. (8)), 'latent_kl' or 'none'")
+    regulariser: str = arg("update", "velocity_mse", "'velocity_mse' (Eq. (8)), 'latent_kl', 'none'")
     reg_weight: float = arg("update", 1.5e-5, "weight of the regulariser in Eq. (7) (paper: 1.5e-5)")
     text_kl: float = arg("update", 0.0, "k3 KL of the reasoning to the reference (paper: 0)")
     # stages
@@ -86,13 +90,17 @@ class Config:
     sft_batch: int = arg("stages", 64, "SFT (prompt, plan, image) triples per step")
     sft_lr: float = arg("stages", 1e-3, "SFT AdamW rate (100-step warm-up)")
     sft_ema: float = arg("stages", 0.0, "EMA decay of the SFT weights; 0: off")
-    sft_mse_weight: float = arg("stages", 1.0, "weight of the flow-matching MSE against the plan CE (Bagel: 1)")
-    sft_noise: float = arg("stages", 0.0, "toy: share of SFT plans, and independently images, with one error")
-    rl_steps: int = arg("stages", 100, "UniGRPO steps; a resumed run may extend them", resume_may_change=True)
-    eval_per_category: int = arg("stages", 256, "held-out prompts per category before and after RL; 0: none",
-                                 resume_may_change=True)
+    sft_mse_weight: float = arg("stages", 1.0, "weight of the flow-matching MSE against the plan CE "
+                                               "(Bagel: 1)")
+    sft_noise: float = arg("stages", 0.0, "toy: share of SFT plans, and independently of images, with "
+                                          "one error")
+    rl_steps: int = arg("stages", 100, "UniGRPO steps; a resumed run may extend them",
+                        resume_may_change=True)
+    eval_per_category: int = arg("stages", 256, "held-out prompts per category before and after RL; "
+                                                "0: none", resume_may_change=True)
     eval_steps: int = arg("stages", 20, "ODE steps of an evaluation image", resume_may_change=True)
-    eval_temperature: float = arg("stages", 1.0, "reasoning temperature in evaluation", resume_may_change=True)
+    eval_temperature: float = arg("stages", 1.0, "reasoning temperature in evaluation",
+                                  resume_may_change=True)
 
     def validate(self) -> Config:
         """Every field, before any work; a ValueError names the key."""
@@ -106,16 +114,18 @@ class Config:
                    "dtype": ("float32", "bfloat16", "float16", "float64")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of {', '.join(map(str, allowed))}")
-        for key in ("prompts_per_step", "ppo_epochs", "minibatches", "num_steps", "window_size", "ckpt_every",
-                    "sft_batch", "eval_steps"):
+                raise ValueError(f"{key}={getattr(self, key)!r}: expected one of "
+                                 f"{', '.join(map(str, allowed))}")
+        for key in ("prompts_per_step", "ppo_epochs", "minibatches", "num_steps", "window_size",
+                    "ckpt_every", "sft_batch", "eval_steps"):
             _at_least(key, getattr(self, key), 1)
         for key in ("seed", "max_think_tokens", "sft_steps", "rl_steps", "eval_per_category"):
             _at_least(key, getattr(self, key), 0)
         if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size}: group-relative advantages need at least 2 samples")
-        for key in ("lr_reasoning", "lr_denoising", "weight_decay", "sft_lr", "reg_weight", "text_kl", "lam",
-                    "temperature", "eval_temperature", "noise_level", "cfg_scale"):
+            raise ValueError(f"group_size={self.group_size}: group-relative advantages need at least "
+                             f"2 samples")
+        for key in ("lr_reasoning", "lr_denoising", "weight_decay", "sft_lr", "reg_weight", "text_kl",
+                    "lam", "temperature", "eval_temperature", "noise_level", "cfg_scale"):
             _finite(key, getattr(self, key), lower=0.0)
         for key in ("grad_clip", "clip_text", "clip_flow", "shift", "sft_mse_weight"):
             _finite(key, getattr(self, key), lower=0.0, strict=True)
@@ -126,37 +136,40 @@ class Config:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
         for key in ("window_start", "image_hw"):
             value = getattr(self, key)
-            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            if len(value) != 2 or not ints:
                 raise ValueError(f"{key}={value!r}: expected two integers, e.g. --{key}=0,5")
         if min(self.image_hw) < 1:
             raise ValueError(f"image_hw={self.image_hw}: height and width must be positive")
         lo, hi = self.window_start
         if not (0 <= lo <= hi and hi + self.window_size <= self.num_steps - 1):
-            raise ValueError(f"window_start={self.window_start}, window_size={self.window_size}: the SDE window "
-                             f"must lie inside steps 0..{self.num_steps - 2} (the last step is never trained)")
+            raise ValueError(f"window_start={self.window_start}, window_size={self.window_size}: the SDE "
+                             f"window must lie inside steps 0..{self.num_steps - 2} (the last step is "
+                             f"never trained)")
         if self.ratio_norm and (self.sde_kind, self.logprob_reduce) != ("sde", "mean"):
-            raise ValueError(f"ratio_norm needs sde_kind='sde' and logprob_reduce='mean' (its bias term is the "
-                             f"Gaussian one of Eq. (3) averaged over elements); got {self.sde_kind!r}, "
-                             f"{self.logprob_reduce!r}")
+            raise ValueError(f"ratio_norm needs sde_kind='sde' and logprob_reduce='mean' (its bias term "
+                             f"is the Gaussian one of Eq. (3) averaged over elements); got "
+                             f"{self.sde_kind!r}, {self.logprob_reduce!r}")
         if self.sft_steps and self.model != "toy":
-            raise ValueError(f"sft_steps={self.sft_steps}: the SFT warm-up trains on the toy world's data; "
-                             f"use --sft_steps=0 with a checkpoint")
+            raise ValueError(f"sft_steps={self.sft_steps}: the SFT warm-up trains on the toy world's "
+                             f"data; use --sft_steps=0 with a checkpoint")
         if self.train_parts == "text" and not self.think:
             raise ValueError("train_parts='text' with think=False leaves nothing to train")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError(f"minibatches={self.minibatches} must divide prompts_per_step*group_size "
                              f"= {self.prompts_per_step * self.group_size}")
         if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):
-            raise ValueError(f"name={self.name!r}: a plain folder name (no '/'), e.g. --name=toy-seed1")
+            raise ValueError(f"name={self.name!r}: a plain folder name (no '/'), e.g. "
+                             f"--name=toy-seed1")
         if self.model != "toy" and not (self.model and Path(self.model).is_dir()):
-            raise ValueError(f"model={self.model!r} is not a folder: --bagel needs --model=/path/to/BAGEL-7B-MoT "
-                             f"(the official checkpoint layout)")
+            raise ValueError(f"model={self.model!r} is not a folder: --bagel needs "
+                             f"--model=/path/to/BAGEL-7B-MoT (the official checkpoint layout)")
         check_device(self.device)
         return self
 
 
 def _check_type(key, value, default):
-    """The value has the field's type: bool, int, float (an int will do), str, tuple, or an optional float."""
+    """The value has the field's type: bool, int, float (an int will do), str, tuple, optional float."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if default is None:
         ok = value is None or number
@@ -188,7 +201,8 @@ def check_device(device: str):
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ValueError(f"device={device!r}: not a torch device (cpu, cuda, cuda:1, mps)") from None
+        raise ValueError(f"device={device!r}: not a torch device (cpu, cuda, cuda:1, mps)") \
+            from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:
@@ -199,18 +213,19 @@ def check_device(device: str):
         raise ValueError(f"device={device!r}: use cpu, cuda[:i] or mps")
 
 
-# ------------------------------------------------------------------------------------------------ presets
+# ------------------------------------------------------------------------------------------ presets
 PRESETS = {
     # Laptop CPU, fp32, minutes; sizes follow the toy's feasibility notes, results in RESULTS.md.
-    # reg_weight 0.01 (paper 1.5e-5): at toy scale the paper's weight leaves the velocity MSE far weaker than the
-    # policy gradient, and the background pixels, which the reward cannot see, drift into speckle.
-    # sft_noise 0.3: SFT triples are imperfect like real paired data, so that SFT leaves mistakes for RL to fix.
-    # lr_reasoning 6e-5: the reasoning moves within 140 steps (text clip fraction above zero).
+    # reg_weight 0.01 (paper 1.5e-5): at toy scale the paper's weight leaves the velocity MSE far weaker
+    # than the policy gradient, and the background, which the reward cannot see, drifts into speckle.
+    # sft_noise 0.3: SFT triples are imperfect like real paired data, so SFT leaves mistakes for RL.
+    # lr_reasoning 6e-5: the reasoning moves within 140 steps (a text clip fraction above zero).
     "toy": dict(name="toy", model="toy", image_hw=(32, 32), prompts_per_step=8, group_size=8,
                 max_think_tokens=20, num_steps=10, window_start=(0, 5), window_size=3,
-                lr_reasoning=6e-5, lr_denoising=1e-4, clip_text=0.2, clip_flow=1e-4, reg_weight=0.01,
-                sft_steps=1200, sft_batch=64, sft_lr=1e-3, sft_ema=0.99, sft_mse_weight=10.0, sft_noise=0.3,
-                rl_steps=140, ckpt_every=10, eval_per_category=256, eval_steps=20),
+                lr_reasoning=6e-5, lr_denoising=1e-4, clip_text=0.2, clip_flow=1e-4,
+                reg_weight=0.01, sft_steps=1200, sft_batch=64, sft_lr=1e-3, sft_ema=0.99,
+                sft_mse_weight=10.0, sft_noise=0.3, rl_steps=140, ckpt_every=10,
+                eval_per_category=256, eval_steps=20),
     # The paper's setting (BAGEL-7B-MoT, 1024 px); the defaults of Config are the paper's numbers.
     "bagel": dict(name="bagel", model="", dtype="bfloat16", device="cuda", image_hw=(1024, 1024),
                   rl_steps=1000, eval_per_category=0),
@@ -224,7 +239,7 @@ def preset(name: str, **overrides) -> Config:
     return Config(**{**PRESETS[name], **overrides}).validate()
 
 
-# ------------------------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------- command line
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise SystemExit(f"error: {message}")
@@ -240,7 +255,8 @@ def _parse_pair(text: str) -> tuple:
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") \
+            from None
 
 
 def _parse_optional_float(text: str):
@@ -267,22 +283,27 @@ def _shown(value) -> str:
 
 
 def parser(description: str | None = None) -> argparse.ArgumentParser:
-    """The command line of every Config field, grouped as in --help; scripts may add their own arguments."""
-    p = _Parser(description=description or "UniGRPO training (arXiv 2603.23500)", allow_abbrev=False,
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="Values: --key=value or --key value; bools true/false; pairs as 0,5; none for no value.")
+    """The command line of every Config field, grouped as in --help; scripts may add their own."""
+    p = _Parser(description=description or "UniGRPO training (arXiv 2603.23500)",
+                allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Values: --key=value or --key value; bools true/false; pairs as 0,5; none for "
+                       "no value.")
     actions = p.add_argument_group("presets and actions")
     actions.add_argument("--toy", dest="preset", action="store_const", const="toy",
                          help="the toy world on a laptop CPU (SFT warm-up, then UniGRPO)")
     actions.add_argument("--bagel", dest="preset", action="store_const", const="bagel",
                          help="BAGEL-7B-MoT from --model=FOLDER (the paper's numbers)")
-    actions.add_argument("--resume", action="store_true", help="continue the run in <out_dir>/<name> exactly")
+    actions.add_argument("--resume", action="store_true",
+                         help="continue the run in <out_dir>/<name> exactly")
     actions.add_argument("--overwrite", action="store_true",
-                         help="start over in a run folder that holds another run (deletes its ckpt and metrics)")
+                         help="start over in a run folder that holds another run (deletes its "
+                              "ckpt.pt, metrics.jsonl and summary.json)")
     groups = {g: p.add_argument_group(title) for g, title in GROUPS.items()}
     for f in dataclasses.fields(Config):
         toy = PRESETS["toy"].get(f.name, f.default)
-        note = f"default {_shown(f.default)}" + (f"; --toy {_shown(toy)}" if toy != f.default else "")
+        note = f"default {_shown(f.default)}"
+        if toy != f.default:
+            note += f"; --toy {_shown(toy)}"
         groups[f.metadata["group"]].add_argument(
             f"--{f.name}", type=_value_parser(f.default), default=argparse.SUPPRESS, metavar="V",
             help=f"{f.metadata['help']} [{note}]".replace("%", "%%"))
@@ -296,7 +317,8 @@ def parse_args(argv, parser_=None) -> tuple[Config, argparse.Namespace]:
     fields = [f.name for f in dataclasses.fields(Config)]
     for a in extra:
         if not a.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {a!r}; use --toy, --bagel, --resume or --key=value")
+            raise SystemExit(f"error: unexpected argument {a!r}; use --toy, --bagel, --resume or "
+                             f"--key=value")
         key = a[2:].partition("=")[0]
         near = difflib.get_close_matches(key, [*fields, "toy", "bagel", "resume", "overwrite"], n=3)
         hint = f"did you mean {', '.join('--' + n for n in near)}? " if near else ""

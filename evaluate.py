@@ -1,6 +1,6 @@
-"""Held-out evaluation and the run's pictures: one reasoning chain and one ODE image per prompt, scored by the toy
-world's verifier (TA-style score, GenEval-style accuracy, plan validity, plan following, background noise), a PNG
-grid of a fixed slice of the prompts, and the reward curve.
+"""Held-out evaluation and the run's pictures: one reasoning chain and one ODE image per prompt,
+scored by the toy world's verifier (TA-style score, GenEval-style accuracy, plan validity, plan
+following, background noise), a PNG grid of a fixed slice of the prompts, and the reward curve.
 
     result, prompts, texts, images = evaluate.evaluate(policy, cfg, n_per_category=256)
 """
@@ -18,20 +18,21 @@ import unigrpo
 
 @torch.no_grad()
 def evaluate(policy, cfg, n_per_category: int):
-    """Held-out prompts, one reasoning chain each (eval_temperature), ODE images (eval_steps). Returns
-    (scores dict, prompts, reasoning texts, images in [0, 1])."""
+    """Held-out prompts, one reasoning chain each (eval_temperature), ODE images (eval_steps).
+    Returns (scores dict, prompts, reasoning texts, images in [0, 1])."""
     prompts = toy.prompts("eval", n_per_category, seed=cfg.seed + 12345)
     g = torch.Generator().manual_seed(cfg.seed + 777)
     texts, images = [], []
     for i in range(0, len(prompts), 256):
-        th, _, img = unigrpo.generate(policy, prompts[i:i + 256], cfg, g, temperature=cfg.eval_temperature,
-                                      num_steps=cfg.eval_steps)
+        th, _, img = unigrpo.generate(policy, prompts[i:i + 256], cfg, g,
+                                      temperature=cfg.eval_temperature, num_steps=cfg.eval_steps)
         texts += th.texts
         images.append(img)
     images = torch.cat(images)
     result = toy.summarize(toy.score_images(images, prompts), prompts)
     plans = toy.summarize(toy.score_plans(texts, prompts), prompts)
-    result.update({k.replace("accuracy", "plan_validity"): v for k, v in plans.items() if k.startswith("accuracy")})
+    result.update({k.replace("accuracy", "plan_validity"): v for k, v in plans.items()
+                   if k.startswith("accuracy")})
     drawn, planned = toy.plan_following(texts, images)
     result["plan_following"] = drawn / max(planned, 1)
     result["background_noise"] = toy.background_noise(images)
@@ -39,23 +40,28 @@ def evaluate(policy, cfg, n_per_category: int):
 
 
 def evaluate_stage(policy, cfg, run_dir: Path, stage: str, summary: dict, log):
-    """Held-out evaluation of one stage ("before" / "after" RL): scores into summary, a PNG grid, one log line."""
+    """Held-out evaluation of one stage ("before" / "after" RL): scores into summary, a PNG grid,
+    one log line."""
     if cfg.eval_per_category == 0:
         return
     t0 = time.time()
     result, prompts, texts, images = evaluate(policy, cfg, cfg.eval_per_category)
     summary["seconds"][f"eval_{stage}"] = time.time() - t0
     summary[stage] = result
-    save_grid(run_dir / f"grid_{stage}.png", prompts, texts, images, cfg.eval_per_category, f"{stage} RL")
+    save_grid(run_dir / f"grid_{stage}.png", prompts, texts, images, cfg.eval_per_category,
+              f"{stage} RL")
     log(f"{stage:>6} RL: TA {result['ta']:.3f}  accuracy {result['accuracy']:.3f}  "
-        f"plan validity {result['plan_validity']:.3f}  plan following {result['plan_following']:.3f}  "
+        f"plan validity {result['plan_validity']:.3f}  "
+        f"plan following {result['plan_following']:.3f}  "
         f"({len(prompts)} held-out prompts)")
 
 
 def save_grid(path: Path, prompts, texts, images, per_category: int, title: str, per_row=3):
-    """A PNG of a fixed slice of the evaluation set (two prompts per category): image, prompt, reasoning, verdict."""
+    """A PNG of a fixed slice of the evaluation set (two prompts per category): image, prompt,
+    reasoning, verdict."""
     from PIL import Image, ImageDraw
-    pick = [i for c in range(len(prompts) // per_category) for i in (c * per_category, c * per_category + 1)]
+    pick = [i for c in range(len(prompts) // per_category)
+            for i in (c * per_category, c * per_category + 1)]
     scores = toy.score_images(images[pick], [prompts[i] for i in pick])
     cell_w, img_px, rows = 300, 96, -(-len(pick) // per_row)
     canvas = Image.new("RGB", (cell_w * per_row, 20 + rows * (img_px + 52)), "white")

@@ -1,32 +1,45 @@
-"""Flow-matching sampler for UniGRPO: Bagel's time grid, ODE and SDE steps (Eq. 3), the hybrid window rollout.
+"""Flow-matching sampler for UniGRPO: Bagel's time grid, ODE and SDE steps (Eq. (3)), the hybrid
+window rollout.
 
 Convention (Bagel's, stated once and tested in tests/test_conventions.py):
-    x_t = (1 - t)*x_0 + t*eps,  t = 1 is pure noise, t = 0 is data,  the model predicts v = eps - x_0,
-    sampling runs t from 1 to 0 on the shifted grid t' = s*t / (1 + (s - 1)*t), s = 3, so dt = t_next - t < 0.
-FlowGRPO's sigma is our t. Outside a short window of K consecutive steps the rollout is the deterministic ODE
-(Euler); inside it each step is a Gaussian transition N(mean, std^2) whose log-density the update trains
-(FlowGRPO-Fast). `sample` returns every window quantity once; ratio, RatioNorm and the regularisers read those.
+    x_t = (1 - t)*x_0 + t*eps,  t = 1 is pure noise, t = 0 is data,
+    the model predicts v = eps - x_0,
+    sampling runs t from 1 to 0 on the shifted grid t' = s*t / (1 + (s - 1)*t), s = 3,
+    so dt = t_next - t < 0.
+FlowGRPO's sigma is our t. Outside a short window of K consecutive steps the rollout is the
+deterministic ODE (Euler); inside it each step is a Gaussian transition N(mean, std^2) whose
+log-density the update trains (FlowGRPO-Fast). `sample` returns every window quantity once; ratio,
+RatioNorm and the regularisers read those.
 
 Glossary
-    x_t, x_next     latent at t and at the next grid point t_next (x_{t+dt}); x_1 noise, x_0 final latent
+    x_t, x_next     latent at t and at the next grid point t_next (x_{t+dt}); x_1 noise,
+                    x_0 final latent
     v (v_theta)     predicted velocity eps - x_0 at (x_t, t)
     dt              t_next - t, negative
-    eta             noise_level; sigma_t = eta*sqrt(t / (1 - t)) is the diffusion coefficient of the SDE
+    eta             noise_level; sigma_t = eta*sqrt(t / (1 - t)) is the diffusion coefficient of
+                    the SDE
     eps_hat, x0_hat predicted noise x_t + (1 - t)*v and predicted data x_t - t*v
-    mean, std       mean and TRANSITION standard deviation of p(x_next | x_t): std = sigma_t*sqrt(|dt|) ('sde')
-    K, window       number and indices of the SDE steps; shapes: B batch, K window steps, (...) latent dims
+    mean, std       mean and TRANSITION standard deviation of p(x_next | x_t):
+                    std = sigma_t*sqrt(|dt|) ('sde')
+    K, window       number and indices of the SDE steps; shapes: R rows (samples), K window steps,
+                    (...) latent dims
 
 Deviations / borrowed defaults
-    1. log_prob is averaged over latent elements by default (reduce="mean", FlowGRPO's choice, flow_grpo #143);
-       reduce="sum" gives the exact log-density. The clip range must match the choice.
-    2. The first step (t == 1 exactly) uses sigma_t = eta*sqrt(t / (1 - t_next)) since 1 - t = 0 there
-       (FlowGRPO uses sigmas[1], the next grid point; the first-step std therefore depends on the grid).
-    3. kind="cps" (FlowGRPO-Fast's consistency sampler) reports log_prob = -reduce((x_next - mean)^2): no
-       variance, no constant, as FlowGRPO; its log-ratios are on another scale than kind="sde".
-    4. Where std == 0 (eta = 0, or cps at t_next = 0) the step is deterministic; the 'sde' log_prob is set to 0
-       there instead of NaN/inf. The last step (t_next = 0) is computed like any other but never trained.
-    5. `timesteps` pins the end points to exactly 1 and 0: Bagel's float32 formula already gives them for
-       s >= 0.45 (bit-identical there), but is one ulp off for a few small shifts (0.05 ... 0.4).
+    1. log_prob is averaged over latent elements by default (reduce="mean", FlowGRPO's choice,
+       flow_grpo #143); reduce="sum" gives the exact log-density. The clip range must match the
+       choice.
+    2. The first step (t == 1 exactly) uses sigma_t = eta*sqrt(t / (1 - t_next)) since 1 - t = 0
+       there (FlowGRPO uses sigmas[1], the next grid point; the first-step std therefore depends on
+       the grid).
+    3. kind="cps" (FlowGRPO-Fast's consistency sampler) reports
+       log_prob = -reduce((x_next - mean)^2): no variance, no constant, as FlowGRPO; its log-ratios
+       are on another scale than kind="sde".
+    4. Where std == 0 (eta = 0, or cps at t_next = 0) the step is deterministic; the 'sde' log_prob
+       is set to 0 there instead of NaN/inf. The last step (t_next = 0) is computed like any other
+       but never trained.
+    5. `timesteps` pins the end points to exactly 1 and 0: Bagel's float32 formula already gives
+       them for s >= 0.45 (bit-identical there), but is one ulp off for a few small shifts
+       (0.05 ... 0.4).
 """
 import math
 from dataclasses import dataclass
@@ -39,29 +52,31 @@ KINDS = ("sde", "cps")
 
 @dataclass(frozen=True)
 class SDEStep:
-    x_next: torch.Tensor    # (B, ...)
-    mean: torch.Tensor      # (B, ...), float32, carries the graph of v and x_t
-    std: torch.Tensor       # (B, 1, ..., 1), transition standard deviation
-    log_prob: torch.Tensor  # (B,)
+    x_next: torch.Tensor    # (R, ...)
+    mean: torch.Tensor      # (R, ...), float32, carries the graph of v and x_t
+    std: torch.Tensor       # (R, 1, ..., 1), transition standard deviation
+    log_prob: torch.Tensor  # (R,)
 
 
 @dataclass(frozen=True)
 class Trajectory:
-    x_0: torch.Tensor       # (B, ...) final latent
-    x_t: torch.Tensor       # (B, K, ...) window inputs
-    x_next: torch.Tensor    # (B, K, ...) window outputs
-    mean: torch.Tensor      # (B, K, ...)
-    std: torch.Tensor       # (B, K, 1, ..., 1)
-    log_prob: torch.Tensor  # (B, K)
+    x_0: torch.Tensor       # (R, ...) final latent
+    x_t: torch.Tensor       # (R, K, ...) window inputs
+    x_next: torch.Tensor    # (R, K, ...) window outputs
+    mean: torch.Tensor      # (R, K, ...)
+    std: torch.Tensor       # (R, K, 1, ..., 1)
+    log_prob: torch.Tensor  # (R, K)
     t: torch.Tensor         # (K,)
     t_next: torch.Tensor    # (K,)
     window: tuple           # K step indices into the grid
 
 
 def timesteps(num_steps, shift=3.0):
-    """Shifted grid t' = s*t / (1 + (s - 1)*t) of linspace(1, 0, num_steps + 1), float32 as Bagel, (num_steps + 1,).
+    """Shifted grid t' = s*t / (1 + (s - 1)*t) of linspace(1, 0, num_steps + 1), float32 as Bagel,
+    (num_steps + 1,).
 
-    Bagel's own `num_timesteps` is num_steps + 1: it calls the model at grid[:-1] and ends at grid[-1] = 0.
+    Bagel's own `num_timesteps` is num_steps + 1: it calls the model at grid[:-1] and ends at
+    grid[-1] = 0.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
@@ -75,7 +90,8 @@ def timesteps(num_steps, shift=3.0):
 
 def _check_shape(name, tensor, x_t):
     if tensor is not None and tensor.shape != x_t.shape:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected x_t's {tuple(x_t.shape)}")
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, "
+                         f"expected x_t's {tuple(x_t.shape)}")
 
 
 def _check_options(noise_level, reduce, kind):
@@ -95,39 +111,46 @@ def _times(t, t_next, x_t):
 
 
 def _as_time(name, t, x_t):
-    """A float, 0-d or (B,) time as a float32 (B, 1, ..., 1) tensor on x_t's device, checked to lie in [0, 1]."""
+    """A float, 0-d or (R,) time as a float32 (R, 1, ..., 1) tensor on x_t's device, checked to lie
+    in [0, 1]."""
     t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x_t.shape[0]):
-        raise ValueError(f"{name} must be a float, a 0-d tensor or of shape (B,) = ({x_t.shape[0]},), "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be a float, a 0-d tensor or of shape "
+                         f"(R,) = ({x_t.shape[0]},), got shape {tuple(t.shape)}")
     if not bool(((t >= 0) & (t <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1], got {t.tolist()}")
     return t.expand(x_t.shape[0]).reshape(-1, *([1] * (x_t.ndim - 1)))
 
 
 def ode_step(x_t, v, t, t_next):
-    """Eq. (3): x_next = x_t + v*(t_next - t), its eta = 0 (ODE) case: Bagel's Euler step x_t - v*(t_i - t_{i+1})."""
+    """Eq. (3): x_next = x_t + v*(t_next - t), its eta = 0 (ODE) case: Bagel's Euler step
+    x_t - v*(t_i - t_{i+1})."""
     _check_shape("v", v, x_t)
     t, t_next = _times(t, t_next, x_t)
     return x_t + v * (t_next - t)
 
 
-def sde_step(x_t, v, t, t_next, noise_level, noise=None, x_next=None, generator=None, reduce="mean", kind="sde"):
-    """Eq. (3): x_next = x_t + [v + sigma_t^2/(2t) * (x_t + (1 - t)*v)]*dt + sigma_t*sqrt(-dt)*z,  z ~ N(0, I),
-    sigma_t = eta*sqrt(t / (1 - t)); the bracket is v minus (sigma_t^2/2)*score, score = -eps_hat/t.
+def sde_step(x_t, v, t, t_next, noise_level, noise=None, x_next=None, generator=None, reduce="mean",
+             kind="sde"):
+    """Eq. (3): x_next = x_t + [v + sigma_t^2/(2t) * (x_t + (1 - t)*v)]*dt + sigma_t*sqrt(-dt)*z,
+    z ~ N(0, I), sigma_t = eta*sqrt(t / (1 - t)); the bracket is v minus (sigma_t^2/2)*score,
+    score = -eps_hat/t.
 
     kind="sde" (Flow-GRPO): mean = x_t*(1 + sigma_t^2*dt/(2t)) + v*(1 + sigma_t^2*(1 - t)/(2t))*dt,
         std = sigma_t*sqrt(-dt) (at t == 1: sigma_t = eta*sqrt(t / (1 - t_next)), Deviation 2),
-        log_prob = reduce(-(x_next - mean)^2/(2 std^2) - log std - log sqrt(2 pi)) over non-batch dims.
+        log_prob = reduce(-(x_next - mean)^2/(2 std^2) - log std - log sqrt(2 pi)) over
+        non-batch dims.
     kind="cps" (Flow-GRPO-Fast): mean = (1 - t_next)*x0_hat + t_next*cos(eta*pi/2)*eps_hat,
         std = t_next*sin(eta*pi/2), log_prob = reduce(-(x_next - mean)^2): no variance, no constant.
     eta = 0 gives mean == ode_step for both kinds.
 
-    t, t_next: floats, 0-d or (B,) tensors (a step per sample). x_next given: returned unchanged and scored;
-    else x_next = mean + std*noise with noise given or torch.randn(shape, generator=generator), detached.
-    Computed in float32; x_next is detached in the log-density, so gradients reach v and x_t only via mean.
-    At the last step (t_next = 0) 'sde' is a narrow Gaussian (log_prob about +3.6) and 'cps' is deterministic
-    (std = 0, log_prob = 0 at the sample): finite either way, and never trained. Returns SDEStep.
+    t, t_next: floats, 0-d or (R,) tensors (a step per sample). x_next given: returned unchanged and
+    scored; else x_next = mean + std*noise with noise given or
+    torch.randn(shape, generator=generator), detached.
+    Computed in float32; x_next is detached in the log-density, so gradients reach v and x_t only
+    via mean. At the last step (t_next = 0) 'sde' is a narrow Gaussian (log_prob about +3.6) and
+    'cps' is deterministic (std = 0, log_prob = 0 at the sample): finite either way, and never
+    trained. Returns SDEStep.
     """
     _check_options(noise_level, reduce, kind)
     for name, tensor in (("v", v), ("noise", noise), ("x_next", x_next)):
@@ -153,9 +176,12 @@ def sde_step(x_t, v, t, t_next, noise_level, noise=None, x_next=None, generator=
 
     if kind == "sde":
         deterministic = std == 0
-        std_safe = torch.where(deterministic, torch.ones_like(std), std)  # no NaN, even in the unused branch
-        log_density = -sq_err / (2 * std_safe**2) - torch.log(std_safe) - 0.5 * math.log(2 * math.pi)
-        log_density = torch.where(deterministic, torch.zeros_like(log_density), log_density)  # Deviation 4
+        # no NaN, even in the unused branch
+        std_safe = torch.where(deterministic, torch.ones_like(std), std)
+        log_density = (-sq_err / (2 * std_safe**2) - torch.log(std_safe)
+                       - 0.5 * math.log(2 * math.pi))
+        # Deviation 4
+        log_density = torch.where(deterministic, torch.zeros_like(log_density), log_density)
     else:
         log_density = -sq_err  # Deviation 3
     dims = tuple(range(1, x.ndim))
@@ -164,10 +190,11 @@ def sde_step(x_t, v, t, t_next, noise_level, noise=None, x_next=None, generator=
 
 
 def sde_window(num_steps, start_range=(0, 5), size=3, generator=None):
-    """Window of `size` consecutive step indices, start ~ uniform on the inclusive start_range (paper: [0, 5], 3).
+    """Window of `size` consecutive step indices, start ~ uniform on the inclusive start_range
+    (paper: [0, 5], 3).
 
-    The window may not contain the last step (its t_next = 0 makes a degenerate transition that is never
-    trained), so start_range[1] + size <= num_steps - 1 is required.
+    The window may not contain the last step (its t_next = 0 makes a degenerate transition that is
+    never trained), so start_range[1] + size <= num_steps - 1 is required.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
@@ -175,10 +202,12 @@ def sde_window(num_steps, start_range=(0, 5), size=3, generator=None):
         raise ValueError(f"size must be an int >= 1, got {size!r}")
     lo, hi = start_range
     if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi):
-        raise ValueError(f"start_range must be ints (lo, hi) with 0 <= lo <= hi, got {start_range!r}")
+        raise ValueError(f"start_range must be ints (lo, hi) with 0 <= lo <= hi, "
+                         f"got {start_range!r}")
     if hi + size > num_steps - 1:
-        raise ValueError(f"start_range {start_range!r} with size {size} does not fit num_steps {num_steps}: "
-                         f"the window must end before the last step (need start_range[1] + size <= {num_steps - 1})")
+        raise ValueError(f"start_range {start_range!r} with size {size} does not fit "
+                         f"num_steps {num_steps}: the window must end before the last step "
+                         f"(need start_range[1] + size <= {num_steps - 1})")
     start = int(torch.randint(lo, hi + 1, (1,), generator=generator))
     return range(start, start + size)
 
@@ -187,13 +216,15 @@ def _check_grid(grid):
     if grid.ndim != 1 or grid.numel() < 2:
         raise ValueError(f"grid must be 1-D with at least 2 points, got shape {tuple(grid.shape)}")
     if grid[0] != 1 or grid[-1] != 0:
-        raise ValueError(f"grid must start at 1 and end at 0, got {grid[0].item()} ... {grid[-1].item()}")
+        raise ValueError(f"grid must start at 1 and end at 0, "
+                         f"got {grid[0].item()} ... {grid[-1].item()}")
     if not bool((grid[1:] < grid[:-1]).all()):
         raise ValueError("grid must be strictly decreasing (t runs from 1 to 0)")
 
 
 def _stack(records, like_shape, like):
-    """Stack K per-step tensors on dim 1, or an empty (B, 0, ...) tensor when the window is empty."""
+    """Stack K per-step tensors on dim 1, or an empty (R, 0, ...) tensor when the window is
+    empty."""
     if records:
         return torch.stack(records, dim=1)
     return like.new_empty(like_shape[:1] + (0,) + like_shape[1:])
@@ -201,38 +232,44 @@ def _stack(records, like_shape, like):
 
 @torch.no_grad()
 def sample(velocity_fn, x_1, grid, window, noise_level, generator=None, reduce="mean", kind="sde"):
-    """Hybrid rollout: sde_step (Eq. 3) at the steps in `window`, ode_step elsewhere, from x_1 along `grid`.
+    """Hybrid rollout: sde_step (Eq. (3)) at the steps in `window`, ode_step elsewhere, from x_1
+    along `grid`.
 
-    velocity_fn(x_t, t) gets x_t (B, ...) and t (B,) and returns v of x_t's shape. The latent is kept in
-    float32. window: step indices (strictly increasing, into range(len(grid) - 1)); empty or None = pure ODE.
-    Runs without autograd; the update recomputes means and log-probs at the stored (x_t, t). Returns Trajectory.
+    velocity_fn(x_t, t) gets x_t (R, ...) and t (R,) and returns v of x_t's shape. The latent is
+    kept in float32. window: step indices (strictly increasing, into range(len(grid) - 1)); empty
+    or None = pure ODE. Runs without autograd; the update recomputes means and log-probs at the
+    stored (x_t, t). Returns Trajectory.
     """
     _check_options(noise_level, reduce, kind)
     grid = torch.as_tensor(grid, dtype=torch.float32)
     _check_grid(grid)
     num_steps = grid.numel() - 1
     window = () if window is None else tuple(int(i) for i in window)
-    if any(i < 0 or i >= num_steps for i in window) or any(a >= b for a, b in zip(window, window[1:])):
-        raise ValueError(f"window must be strictly increasing step indices in [0, {num_steps - 1}], got {window}")
+    if (any(i < 0 or i >= num_steps for i in window)
+            or any(a >= b for a, b in zip(window, window[1:]))):
+        raise ValueError(f"window must be strictly increasing step indices in "
+                         f"[0, {num_steps - 1}], got {window}")
     x = x_1.float()
-    B, shape = x.shape[0], tuple(x.shape)
+    R, shape = x.shape[0], tuple(x.shape)
     rec = {k: [] for k in ("x_t", "x_next", "mean", "std", "log_prob")}
     for i in range(num_steps):
         t, t_next = grid[i].to(x.device), grid[i + 1].to(x.device)
-        v = velocity_fn(x, t.expand(B))
+        v = velocity_fn(x, t.expand(R))
         _check_shape("velocity_fn(x_t, t)", v, x)
         if i in window:
-            step = sde_step(x, v, t, t_next, noise_level, generator=generator, reduce=reduce, kind=kind)
+            step = sde_step(x, v, t, t_next, noise_level, generator=generator, reduce=reduce,
+                            kind=kind)
             for k, value in (("x_t", x), ("x_next", step.x_next), ("mean", step.mean),
                              ("std", step.std), ("log_prob", step.log_prob)):
                 rec[k].append(value)
             x = step.x_next
         else:
             x = ode_step(x, v.float(), t, t_next)
-    std_shape = (B,) + (1,) * (x.ndim - 1)
+    std_shape = (R,) + (1,) * (x.ndim - 1)
     return Trajectory(
         x_0=x,
         x_t=_stack(rec["x_t"], shape, x), x_next=_stack(rec["x_next"], shape, x),
         mean=_stack(rec["mean"], shape, x), std=_stack(rec["std"], std_shape, x),
-        log_prob=_stack(rec["log_prob"], (B,), x),
-        t=grid[list(window)].to(x.device), t_next=grid[[i + 1 for i in window]].to(x.device), window=window)
+        log_prob=_stack(rec["log_prob"], (R,), x),
+        t=grid[list(window)].to(x.device), t_next=grid[[i + 1 for i in window]].to(x.device),
+        window=window)

@@ -1,45 +1,53 @@
-"""The toy world (a laptop GenEval): prompts, plans, renderer, its exact verifier, and the toy model's tokenizer
-and grounding hook.
+"""The toy world (a laptop GenEval): prompts, plans, renderer, its exact verifier, and the toy
+model's tokenizer and grounding hook.
 
-A scene is a 32x32 RGB image on black: a 4x4 grid of 8 px cells, each holding at most one 7 px object drawn at
-the cell's top-left corner (so neighbouring objects never touch): a circle, square or triangle in red, green,
-blue or yellow (pure RGB corners, so thresholding each channel at 0.5 recovers the colour exactly). Prompts come
-in GenEval's six categories and a share of them needs reasoning: counts as sums ("one plus two red circles"),
-colours by reference ("a circle colour_of blood"), relations by paraphrase ("a blue square with a red circle
-on_its_left"). The reasoning writes a canonical plan, one chunk `c<k> <colour> <shape>` per object joined by
-` ; `, in the prompt's order: the groups as the prompt names them, a group's objects by cell k (the cell comes
-first: the toy model grounds the chunk's later tokens in that cell, `Grounding`). In prompt order
-the plan restates each object where the prompt names it, so binding a colour to its shape is a copy; plans
-sorted by cell made it a look-up that 1200 SFT steps learned for some seeds and not others. The verifier is
-exact: channel thresholds -> colour codes, 4-connected components, shape by bounding-box fill ratio, relations
-by centroids. Plans are scored by the same exam points with objects at their cell centres.
+A scene is a 32x32 RGB image on black: a 4x4 grid of 8 px cells, each holding at most one 7 px
+object drawn at the cell's top-left corner (so neighbouring objects never touch): a circle, square
+or triangle in red, green, blue or yellow (pure RGB corners, so thresholding each channel at 0.5
+recovers the colour exactly). Prompts come in GenEval's six categories and a share of them needs
+reasoning: counts as sums ("one plus two red circles"), colours by reference
+("a circle colour_of blood"), relations by paraphrase
+("a blue square with a red circle on_its_left"). The reasoning writes a canonical plan, one chunk
+`c<k> <colour> <shape>` per object joined by ` ; `, in the prompt's order: the groups as the prompt
+names them, a group's objects by cell k (the cell comes first: the toy model grounds the chunk's
+later tokens in that cell, `Grounding`). In prompt order the plan restates each object where the
+prompt names it, so binding a colour to its shape is a copy; plans sorted by cell made it a look-up
+that 1200 SFT steps learned for some seeds and not others. The verifier is exact: channel
+thresholds -> colour codes, 4-connected components, shape by bounding-box fill ratio, relations by
+centroids. Plans are scored by the same exam points with objects at their cell centres.
 
 Glossary
   R         samples in a batch;  k = row*4 + col, the cell index, token `c{k}`
-  group g   a required kind of object: (shape, colour or None, count n_g); a prompt's groups have distinct shapes
+  group g   a required kind of object: (shape, colour or None, count n_g); a prompt's groups have
+            distinct shapes
   M_g       the detected objects of g's shape with a palette colour ("unknown" colours never match)
-  TA        mean of a sample's exam points (the paper's dense terminal reward); accuracy = all points right
+  TA        mean of a sample's exam points (the paper's dense terminal reward);
+            accuracy = all points right
 
-Exam points (groups in prompt-text order; per group the points come in the order present, count, colour):
-| category      | example prompt(s)                                     | points                                     |
-|---------------|-------------------------------------------------------|--------------------------------------------|
-| single_object | a circle                                              | present; no_extra (2)                      |
-| two_object    | a circle and a square                                 | present x2; no_extra (3)                   |
-| counting      | three red circles / one plus two red circles          | present, count, colour; no_extra (4)       |
-| colors        | a red circle / a circle colour_of blood               | present, colour; no_extra (3)              |
-| position      | a red circle left_of a blue square /                  | present, colour x2; relation; no_extra (6) |
-|               | a blue square with a red circle on_its_left           |                                            |
-| color_attr    | a red circle and a blue square                        | present, colour x2; no_extra (5)           |
+Exam points (groups in prompt-text order; per group the points come in the order present, count,
+colour):
+| category      | example prompt(s)                            | points                                     |
+|---------------|----------------------------------------------|--------------------------------------------|
+| single_object | a circle                                     | present; no_extra (2)                      |
+| two_object    | a circle and a square                        | present x2; no_extra (3)                   |
+| counting      | three red circles / one plus two red circles | present, count, colour; no_extra (4)       |
+| colors        | a red circle / a circle colour_of blood      | present, colour; no_extra (3)              |
+| position      | a red circle left_of a blue square /         | present, colour x2; relation; no_extra (6) |
+|               | a blue square with a red circle on_its_left  |                                            |
+| color_attr    | a red circle and a blue square               | present, colour x2; no_extra (5)           |
   present(g): |M_g| >= 1.   count(g) (counting only): |M_g| == n_g.
-  colour(g) (every group whose colour the prompt names): M_g is not empty and its min(n_g, |M_g|) best
-    matches all have g's colour, i.e. at least that many objects of M_g have it (so a wrong count or an extra
-    object does not also cost the colour point; a missing object does).
-  relation a kind b: some pair in M_a x M_b with, on centroids, left_of x_a < x_b - 2, right_of x_a > x_b + 2,
-    above y_a < y_b - 2, below y_a > y_b + 2 (pixels, y grows downwards; diagonal placements count).
-  no_extra: no object of unknown colour, none of a shape the prompt does not name, and |M_g| <= n_g for all g.
+  colour(g) (every group whose colour the prompt names): M_g is not empty and its min(n_g, |M_g|)
+    best matches all have g's colour, i.e. at least that many objects of M_g have it (so a wrong
+    count or an extra object does not also cost the colour point; a missing object does).
+  relation a kind b: some pair in M_a x M_b with, on centroids, left_of x_a < x_b - 2,
+    right_of x_a > x_b + 2, above y_a < y_b - 2, below y_a > y_b + 2 (pixels, y grows downwards;
+    diagonal placements count).
+  no_extra: no object of unknown colour, none of a shape the prompt does not name, and
+    |M_g| <= n_g for all g.
 
-Held-out evaluation. Each prompt has a combination key; `eval` prompts use only held-out keys, `train` the rest.
-Within each stratum, the round(20%) keys of smallest md5(repr(key)) are held out (deterministic, seed-free).
+Held-out evaluation. Each prompt has a combination key; `eval` prompts use only held-out keys,
+`train` the rest. Within each stratum, the round(20%) keys of smallest md5(repr(key)) are held out
+(deterministic, seed-free).
 | category      | key                                          | keys | stratum   | held out            |
 |---------------|----------------------------------------------|------|-----------|---------------------|
 | single_object | (shape,)                                     | 3    | -         | none: eval = train  |
@@ -50,15 +58,19 @@ Within each stratum, the round(20%) keys of smallest md5(repr(key)) are held out
 |               |  colour, shape of the right/bottom object)   |      |           |                     |
 | color_attr    | ((colour, shape), (colour, shape)), in       | 36   | -         | 7                   |
 |               |  COLOURS x SHAPES order                      |      |           |                     |
-So a held-out position arrangement is never seen in training under any of its four phrasings (left_of/right_of,
-direct/paraphrase), nor a held-out colour pair in either order.
+So a held-out position arrangement is never seen in training under any of its four phrasings
+(left_of/right_of, direct/paraphrase), nor a held-out colour pair in either order.
 
 Deviations / borrowed defaults
-- GenEval detects classes with Mask2Former and colours with CLIP; here both are exact (thresholds, fill ratio).
-- GenEval scores a prompt only as all-correct; TA (mean of the exam points) is this toy's dense score and reward.
-- Relations: GenEval compares box centres with a size-relative margin and an angle test; here centroids and a
-  fixed 2 px margin, and one pair suffices (GenEval: all pairs among the first n_g detections).
-- Colour point: the min(n_g, |M_g|) best matches have the colour (GenEval: the n_g most confident detections).
+- GenEval detects classes with Mask2Former and colours with CLIP; here both are exact (thresholds,
+  fill ratio).
+- GenEval scores a prompt only as all-correct; TA (mean of the exam points) is this toy's dense
+  score and reward.
+- Relations: GenEval compares box centres with a size-relative margin and an angle test; here
+  centroids and a fixed 2 px margin, and one pair suffices (GenEval: all pairs among the first n_g
+  detections).
+- Colour point: the min(n_g, |M_g|) best matches have the colour (GenEval: the n_g most confident
+  detections).
 - Counting and position prompts also name colours (GenEval's do not), so they carry colour points.
 - Overall TA/accuracy = mean over the categories present (GenEval's overall score).
 """
@@ -91,13 +103,15 @@ PLURAL = {s: s + "s" for s in SHAPES}
 NUMBERS = ("one", "two", "three", "four")
 REFERENCES = {"grass": "green", "sky": "blue", "blood": "red", "sun": "yellow"}
 RELATIONS = ("left_of", "right_of", "above", "below")
-PARAPHRASES = {"left_of": "on_its_left", "right_of": "on_its_right", "above": "above_it", "below": "below_it"}
+PARAPHRASES = {"left_of": "on_its_left", "right_of": "on_its_right", "above": "above_it",
+               "below": "below_it"}
 SPLITS = ("train", "eval")
 SEP = ";"
 UNKNOWN = "unknown"
 
 _REFERENCE_OF = {c: r for r, c in REFERENCES.items()}
-_CODE_COLOUR = {r * 4 + g * 2 + b: name for name, (r, g, b) in COLOURS.items()}  # channel bits -> colour
+# channel bits -> colour
+_CODE_COLOUR = {r * 4 + g * 2 + b: name for name, (r, g, b) in COLOURS.items()}
 _CELL_INDEX = {f"c{k}": k for k in range(GRID * GRID)}
 
 
@@ -131,8 +145,10 @@ class Prompt:
         if not self.groups or len({g.shape for g in self.groups}) < len(self.groups):
             raise ValueError(f"groups: need >= 1 group with distinct shapes, got {self.groups}")
         r = self.relation
-        if r is not None and (r.kind not in RELATIONS or {r.a, r.b} != {0, 1} or len(self.groups) != 2):
-            raise ValueError(f"relation: need a kind in {RELATIONS} between groups 0 and 1, got {r}")
+        if r is not None and (r.kind not in RELATIONS or {r.a, r.b} != {0, 1}
+                              or len(self.groups) != 2):
+            raise ValueError(f"relation: need a kind in {RELATIONS} between groups 0 and 1, "
+                             f"got {r}")
 
 
 @dataclass(frozen=True)
@@ -142,8 +158,10 @@ class Obj:
     cell: int
 
     def __post_init__(self):
-        if self.colour not in COLOURS or self.shape not in SHAPES or not 0 <= self.cell < GRID * GRID:
-            raise ValueError(f"Obj: bad colour/shape/cell {self.colour!r}, {self.shape!r}, {self.cell!r}")
+        if (self.colour not in COLOURS or self.shape not in SHAPES
+                or not 0 <= self.cell < GRID * GRID):
+            raise ValueError(f"Obj: bad colour/shape/cell "
+                             f"{self.colour!r}, {self.shape!r}, {self.cell!r}")
 
     @property
     def x(self) -> float:  # centre of the 7 px box, pixels
@@ -169,8 +187,8 @@ def cell_tokens() -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word a prompt or a plan can contain (48), in a fixed order."""
-    return ["a", "and", "plus", "with", "colour_of", SEP, *COLOURS, *SHAPES, *PLURAL.values(), *NUMBERS,
-            *REFERENCES, *RELATIONS, *PARAPHRASES.values(), *cell_tokens()]
+    return ["a", "and", "plus", "with", "colour_of", SEP, *COLOURS, *SHAPES, *PLURAL.values(),
+            *NUMBERS, *REFERENCES, *RELATIONS, *PARAPHRASES.values(), *cell_tokens()]
 
 
 def _all_keys(category: str) -> list[tuple]:
@@ -184,13 +202,16 @@ def _all_keys(category: str) -> list[tuple]:
     if category == "colors":
         return [(s, c, ph) for ph in ("word", "ref") for s in SHAPES for c in COLOURS]
     if category == "position":
-        return [(axis, *p, *q) for axis in ("horizontal", "vertical") for p in pairs for q in pairs if p[1] != q[1]]
+        return [(axis, *p, *q) for axis in ("horizontal", "vertical") for p in pairs for q in pairs
+                if p[1] != q[1]]
     if category == "color_attr":
-        return [(p, q) for p, q in itertools.combinations(pairs, 2) if p[0] != q[0] and p[1] != q[1]]
+        return [(p, q) for p, q in itertools.combinations(pairs, 2)
+                if p[0] != q[0] and p[1] != q[1]]
     raise ValueError(f"category: unknown {category!r}, expected one of {CATEGORIES}")
 
 
-_STRATUM = {"counting": 0, "colors": 2, "position": 0, "color_attr": None}  # key field; absent = no hold-out
+# key field; absent = no hold-out
+_STRATUM = {"counting": 0, "colors": 2, "position": 0, "color_attr": None}
 
 
 @lru_cache(maxsize=None)
@@ -219,7 +240,8 @@ def _as_rng(rng) -> random.Random:
 
 
 def make_prompt(category: str, rng: random.Random | int, split: str = "train") -> Prompt:
-    """One prompt of `category` drawn uniformly from the split's combination keys, then a random phrasing."""
+    """One prompt of `category` drawn uniformly from the split's combination keys, then a random
+    phrasing."""
     rng = _as_rng(rng)
     key = rng.choice(combination_keys(category, split))
     relation = None
@@ -227,7 +249,8 @@ def make_prompt(category: str, rng: random.Random | int, split: str = "train") -
         text, groups = f"a {key[0]}", (Group(key[0], None, 1),)
     elif category == "two_object":
         shapes = key if rng.random() < 0.5 else key[::-1]
-        text, groups = " and ".join(f"a {s}" for s in shapes), tuple(Group(s, None, 1) for s in shapes)
+        text, groups = (" and ".join(f"a {s}" for s in shapes),
+                        tuple(Group(s, None, 1) for s in shapes))
     elif category == "counting":
         n, c, s = key
         number = NUMBERS[n - 1]
@@ -243,7 +266,8 @@ def make_prompt(category: str, rng: random.Random | int, split: str = "train") -
         axis, c1, s1, c2, s2 = key  # (c1, s1) is the left / top object
         first, second = Group(s1, c1, 1), Group(s2, c2, 1)
         kinds = ("left_of", "right_of") if axis == "horizontal" else ("above", "below")
-        kind, a, b = rng.choice(((kinds[0], first, second), (kinds[1], second, first)))  # a <kind> b
+        # a <kind> b
+        kind, a, b = rng.choice(((kinds[0], first, second), (kinds[1], second, first)))
         if rng.random() < PARAPHRASE_SHARE:
             text = f"a {b.colour} {b.shape} with a {a.colour} {a.shape} {PARAPHRASES[kind]}"
             groups, relation = (b, a), Relation(kind, 1, 0)
@@ -252,21 +276,23 @@ def make_prompt(category: str, rng: random.Random | int, split: str = "train") -
             groups, relation = (a, b), Relation(kind, 0, 1)
     elif category == "color_attr":
         pair = key if rng.random() < 0.5 else key[::-1]
-        text, groups = " and ".join(f"a {c} {s}" for c, s in pair), tuple(Group(s, c, 1) for c, s in pair)
+        text, groups = (" and ".join(f"a {c} {s}" for c, s in pair),
+                        tuple(Group(s, c, 1) for c, s in pair))
     else:
         raise ValueError(f"category: unknown {category!r}, expected one of {CATEGORIES}")
     return Prompt(text, category, groups, relation, key, split)
 
 
 def train_prompts(seed: int, step: int, n: int, split: str = "train") -> list[Prompt]:
-    """The prompts of one training step, mixed categories, deterministic in (seed, split, step) so that a
-    resumed run sees the same prompts."""
+    """The prompts of one training step, mixed categories, deterministic in (seed, split, step) so
+    that a resumed run sees the same prompts."""
     rng = random.Random(f"{seed}/{split}/{step}")
     return [make_prompt(CATEGORIES[rng.randrange(len(CATEGORIES))], rng, split) for _ in range(n)]
 
 
 def prompts(split: str, n_per_category: int, seed: int) -> list[Prompt]:
-    """n_per_category prompts of every category (grouped by category, CATEGORIES order), deterministic in seed."""
+    """n_per_category prompts of every category (grouped by category, CATEGORIES order),
+    deterministic in seed."""
     if split not in SPLITS:
         raise ValueError(f"split: unknown {split!r}, expected one of {SPLITS}")
     if n_per_category < 0:
@@ -288,15 +314,17 @@ def _holds(kind: str, a, b) -> bool:
 
 
 def random_layout(prompt: Prompt, rng: random.Random | int) -> list[Obj]:
-    """A uniformly random layout that gets every exam point: exactly the required objects in distinct random
-    cells (rejection-sampled until the relation holds), unnamed colours uniform; in plan order (the prompt's
-    groups in turn, each group's objects by cell)."""
+    """A uniformly random layout that gets every exam point: exactly the required objects in
+    distinct random cells (rejection-sampled until the relation holds), unnamed colours uniform; in
+    plan order (the prompt's groups in turn, each group's objects by cell)."""
     rng = _as_rng(rng)
     members = [(i, g) for i, g in enumerate(prompt.groups) for _ in range(g.count)]
     while True:
         cells = rng.sample(range(GRID * GRID), len(members))
-        objs = [Obj(g.colour or rng.choice(list(COLOURS)), g.shape, k) for (_, g), k in zip(members, cells)]
-        of_group = [[o for (i, _), o in zip(members, objs) if i == j] for j in range(len(prompt.groups))]
+        objs = [Obj(g.colour or rng.choice(list(COLOURS)), g.shape, k)
+                for (_, g), k in zip(members, cells)]
+        of_group = [[o for (i, _), o in zip(members, objs) if i == j]
+                    for j in range(len(prompt.groups))]
         r = prompt.relation
         if r is None or any(_holds(r.kind, a, b) for a in of_group[r.a] for b in of_group[r.b]):
             return [o for group in of_group for o in sorted(group, key=lambda o: o.cell)]
@@ -308,9 +336,9 @@ CORRUPTIONS = ("drop", "add", "recolour", "reshape", "move")
 
 
 def corrupt_layout(layout: Sequence[Obj], rng: random.Random | int) -> list[Obj]:
-    """One random error of imperfect paired data (the toy's noisy SFT triples): drop an object (only when there
-    are >= 2), add one in a free cell (last), recolour one, reshape one, or move one to a free cell. The other
-    objects keep their order."""
+    """One random error of imperfect paired data (the toy's noisy SFT triples): drop an object
+    (only when there are >= 2), add one in a free cell (last), recolour one, reshape one, or move
+    one to a free cell. The other objects keep their order."""
     rng = _as_rng(rng)
     objs = list(layout)
     if not objs:
@@ -334,8 +362,8 @@ def corrupt_layout(layout: Sequence[Obj], rng: random.Random | int) -> list[Obj]
 
 
 def plan_text(layout: Sequence[Obj]) -> str:
-    """The plan of a layout: `c<k> <colour> <shape>` per object, in the layout's order (random_layout's order
-    is the canonical one), joined by ' ; '."""
+    """The plan of a layout: `c<k> <colour> <shape>` per object, in the layout's order
+    (random_layout's order is the canonical one), joined by ' ; '."""
     cells = [o.cell for o in layout]
     if not layout or len(set(cells)) < len(cells):
         raise ValueError(f"layout: need >= 1 object and distinct cells, got {list(layout)}")
@@ -343,8 +371,8 @@ def plan_text(layout: Sequence[Obj]) -> str:
 
 
 def parse_plan(text: str) -> list[Obj] | None:
-    """Objects of a plan in its order (scoring does not depend on the order), or None on bad grammar, an unknown
-    token or two objects in one cell."""
+    """Objects of a plan in its order (scoring does not depend on the order), or None on bad
+    grammar, an unknown token or two objects in one cell."""
     if not isinstance(text, str):
         raise ValueError(f"text: expected str, got {type(text).__name__}")
     tokens = text.split()
@@ -353,8 +381,8 @@ def parse_plan(text: str) -> list[Obj] | None:
     objs = []
     for i in range(0, len(tokens), 4):
         cell, colour, shape = tokens[i:i + 3]
-        if (i + 3 < len(tokens) and tokens[i + 3] != SEP) or colour not in COLOURS or shape not in SHAPES \
-                or cell not in _CELL_INDEX:
+        if (i + 3 < len(tokens) and tokens[i + 3] != SEP) or colour not in COLOURS \
+                or shape not in SHAPES or cell not in _CELL_INDEX:
             return None
         objs.append(Obj(colour, shape, _CELL_INDEX[cell]))
     if len({o.cell for o in objs}) < len(objs):
@@ -368,15 +396,18 @@ def _shape_masks() -> dict[str, np.ndarray]:
     c = (OBJ - 1) / 2
     return {"circle": (yy - c) ** 2 + (xx - c) ** 2 <= (OBJ / 2) ** 2,  # 37 px, fill 0.755
             "square": np.ones((OBJ, OBJ), bool),  # 49 px, fill 1
-            "triangle": np.abs(xx - c) <= yy // 2}  # apex up, rows 1,1,3,3,5,5,7 px: 25 px, fill 0.510
+            # apex up, rows 1,1,3,3,5,5,7 px: 25 px, fill 0.510
+            "triangle": np.abs(xx - c) <= yy // 2}
 
 
-_PATCH_INDEX = {(c, s): 1 + i for i, (c, s) in enumerate(itertools.product(COLOURS, SHAPES))}  # 0 = empty
+# 0 = empty
+_PATCH_INDEX = {(c, s): 1 + i for i, (c, s) in enumerate(itertools.product(COLOURS, SHAPES))}
 
 
 @lru_cache(maxsize=1)
 def _patches() -> torch.Tensor:
-    """(1 + 12, 3, CELL, CELL) cell patches: empty, then every (colour, shape), object at the top-left."""
+    """(1 + 12, 3, CELL, CELL) cell patches: empty, then every (colour, shape), object at the
+    top-left."""
     masks = _shape_masks()
     table = torch.zeros(1 + len(_PATCH_INDEX), 3, CELL, CELL)
     for (c, s), i in _PATCH_INDEX.items():
@@ -404,18 +435,22 @@ def render(layout: Sequence[Obj]) -> torch.Tensor:
 
 # ---------------------------------------------------------------- verifier
 def _label(codes: np.ndarray) -> np.ndarray:
-    """4-connected components of equal non-zero codes in (R, H, W): each pixel gets the smallest flat index in its
-    component (background: R*H*W). Label propagation over the joined neighbour pairs: hook the larger label onto
-    the smaller, then follow labels to their roots; labels only decrease and stay inside their component."""
+    """4-connected components of equal non-zero codes in (R, H, W): each pixel gets the smallest
+    flat index in its component (background: R*H*W). Label propagation over the joined neighbour
+    pairs: hook the larger label onto the smaller, then follow labels to their roots; labels only
+    decrease and stay inside their component."""
     n = codes.size
     fg = codes > 0
     dtype = np.int32 if n < 2**31 - 1 else np.int64
     lab = np.where(fg, np.arange(n, dtype=dtype).reshape(codes.shape), dtype(n)).reshape(-1)
     join_x = np.zeros_like(fg)
-    join_x[:, :, :-1] = fg[:, :, 1:] & (codes[:, :, 1:] == codes[:, :, :-1])  # pixel joins its right neighbour
+    # pixel joins its right neighbour
+    join_x[:, :, :-1] = fg[:, :, 1:] & (codes[:, :, 1:] == codes[:, :, :-1])
     join_y = np.zeros_like(fg)
-    join_y[:, :-1, :] = fg[:, 1:, :] & (codes[:, 1:, :] == codes[:, :-1, :])  # pixel joins the one below
-    i = np.concatenate((np.flatnonzero(join_x), np.flatnonzero(join_y)))  # pairs (i, j), flat indices
+    # pixel joins the one below
+    join_y[:, :-1, :] = fg[:, 1:, :] & (codes[:, 1:, :] == codes[:, :-1, :])
+    # pairs (i, j), flat indices
+    i = np.concatenate((np.flatnonzero(join_x), np.flatnonzero(join_y)))
     j = np.concatenate((np.flatnonzero(join_x) + 1, np.flatnonzero(join_y) + codes.shape[2]))
     fg_flat = np.flatnonzero(fg)
     while True:
@@ -423,7 +458,8 @@ def _label(codes: np.ndarray) -> np.ndarray:
         if np.array_equal(lab_i, lab_j):
             return lab.reshape(codes.shape)
         m = np.minimum(lab_i, lab_j)
-        np.minimum.at(lab, lab_i, m)  # hook: a label (a pixel) takes the smaller label of a joined neighbour
+        # hook: a label (a pixel) takes the smaller label of a joined neighbour
+        np.minimum.at(lab, lab_i, m)
         np.minimum.at(lab, lab_j, m)
         while True:  # shortcut every pixel to its root
             root = lab[lab[fg_flat]]
@@ -433,12 +469,13 @@ def _label(codes: np.ndarray) -> np.ndarray:
 
 
 def detect_batch(images: torch.Tensor) -> list[list[Detected]]:
-    """Objects in each of (R, 3, 32, 32) images with values in [0, 1] (map [-1, 1] images with (x + 1) / 2 first):
-    a channel > 0.5 is on; components of one colour code with area >= MIN_AREA; a code outside the palette gives
-    colour "unknown"."""
+    """Objects in each of (R, 3, 32, 32) images with values in [0, 1] (map [-1, 1] images with
+    (x + 1) / 2 first): a channel > 0.5 is on; components of one colour code with area >= MIN_AREA;
+    a code outside the palette gives colour "unknown"."""
     x = torch.as_tensor(images).detach().to("cpu", torch.float32).numpy()
     if x.ndim != 4 or x.shape[1:] != (3, IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"images: expected (R, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(x.shape)}")
+        raise ValueError(f"images: expected (R, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), "
+                         f"got {tuple(x.shape)}")
     R, _, H, W = x.shape
     on = x > 0.5
     codes = (on[:, 0] * 4 + on[:, 1] * 2 + on[:, 2]).astype(np.int8)  # (R, H, W), 0 = black
@@ -446,7 +483,8 @@ def detect_batch(images: torch.Tensor) -> list[list[Detected]]:
     fg_flat = np.flatnonzero(codes)
     if fg_flat.size == 0:
         return out
-    roots, inv, area = np.unique(_label(codes).reshape(-1)[fg_flat], return_inverse=True, return_counts=True)
+    roots, inv, area = np.unique(_label(codes).reshape(-1)[fg_flat], return_inverse=True,
+                                 return_counts=True)
     order = np.argsort(inv, kind="stable")
     starts = np.concatenate(([0], np.cumsum(area)[:-1]))
     ys, xs = (fg_flat % (H * W)) // W, fg_flat % W
@@ -457,8 +495,9 @@ def detect_batch(images: torch.Tensor) -> list[list[Detected]]:
     cx, cy = np.bincount(inv, xs) / area, np.bincount(inv, ys) / area
     code = codes.reshape(-1)[roots]
     for j in np.flatnonzero(area >= MIN_AREA).tolist():
-        out[int(roots[j]) // (H * W)].append(Detected(_CODE_COLOUR.get(int(code[j]), UNKNOWN), SHAPES[shape[j]],
-                                                      float(cx[j]), float(cy[j]), int(area[j])))
+        out[int(roots[j]) // (H * W)].append(Detected(_CODE_COLOUR.get(int(code[j]), UNKNOWN),
+                                                      SHAPES[shape[j]], float(cx[j]), float(cy[j]),
+                                                      int(area[j])))
     return out
 
 
@@ -466,7 +505,8 @@ def detect(image: torch.Tensor) -> list[Detected]:
     """Objects in one (3, 32, 32) image with values in [0, 1]."""
     image = torch.as_tensor(image)
     if image.ndim != 3:
-        raise ValueError(f"image: expected (3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(image.shape)}")
+        raise ValueError(f"image: expected (3, {IMAGE_SIZE}, {IMAGE_SIZE}), "
+                         f"got {tuple(image.shape)}")
     return detect_batch(image[None])[0]
 
 
@@ -492,7 +532,8 @@ def exam_points(objects: Sequence[Obj | Detected], prompt: Prompt) -> list[bool]
         if prompt.category == "counting":
             points.append(len(m) == g.count)
         if g.colour is not None:
-            points.append(len(m) >= 1 and sum(o.colour == g.colour for o in m) >= min(g.count, len(m)))
+            points.append(len(m) >= 1
+                          and sum(o.colour == g.colour for o in m) >= min(g.count, len(m)))
     r = prompt.relation
     if r is not None:
         points.append(any(_holds(r.kind, a, b) for a in matched[r.a] for b in matched[r.b]))
@@ -527,17 +568,18 @@ def score_images(images: torch.Tensor, prompts: Sequence[Prompt]) -> Scores:
 
 
 def score_plans(texts: Sequence[str], prompts: Sequence[Prompt]) -> Scores:
-    """Exam points of plan texts (objects at cell centres); a plan that does not parse gets 0 points.
-    Plan validity = all_correct."""
+    """Exam points of plan texts (objects at cell centres); a plan that does not parse gets
+    0 points. Plan validity = all_correct."""
     _check_len(texts, "texts", prompts)
     layouts = [parse_plan(t) for t in texts]
-    return _scores([None if lay is None else exam_points(lay, p) for lay, p in zip(layouts, prompts)])
+    return _scores([None if lay is None else exam_points(lay, p)
+                    for lay, p in zip(layouts, prompts)])
 
 
 def plan_following(texts: Sequence[str], images: torch.Tensor) -> tuple[int, int]:
-    """(drawn, planned): of the objects that parsable plans ask for, how many the image draws in the planned
-    cell (centroid inside it) with the planned colour and shape. Says whether the image expert follows the
-    reasoning or only the prompt."""
+    """(drawn, planned): of the objects that parsable plans ask for, how many the image draws in
+    the planned cell (centroid inside it) with the planned colour and shape. Says whether the image
+    expert follows the reasoning or only the prompt."""
     detections = detect_batch(images)
     if len(detections) != len(texts):
         raise ValueError(f"texts: {len(texts)} plans but {len(detections)} images")
@@ -551,8 +593,9 @@ def plan_following(texts: Sequence[str], images: torch.Tensor) -> tuple[int, int
 
 
 def background_noise(images: torch.Tensor) -> float:
-    """Mean brightest channel over the pixels the verifier reads as black (every channel < 0.5): 0 for clean
-    renders. The reward cannot see this noise, so it measures what a regulariser has to hold back."""
+    """Mean brightest channel over the pixels the verifier reads as black (every channel < 0.5):
+    0 for clean renders. The reward cannot see this noise, so it measures what a regulariser has to
+    hold back."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected (R, 3, H, W), got {tuple(images.shape)}")
     peak = images.amax(1)
@@ -561,8 +604,8 @@ def background_noise(images: torch.Tensor) -> float:
 
 
 def summarize(scores: Scores, prompts: Sequence[Prompt]) -> dict[str, float]:
-    """{"ta", "accuracy"}: means over the categories present of the per-category means, and "ta/<category>",
-    "accuracy/<category>" for each category present."""
+    """{"ta", "accuracy"}: means over the categories present of the per-category means, and
+    "ta/<category>", "accuracy/<category>" for each category present."""
     _check_len(scores.points, "scores", prompts)
     out: dict[str, float] = {}
     for c in CATEGORIES:
@@ -577,7 +620,8 @@ def summarize(scores: Scores, prompts: Sequence[Prompt]) -> dict[str, float]:
 
 
 class ToyReward:
-    """The sparse terminal reward of the toy world: the fraction of exam points right (TA-style), (R,) float."""
+    """The sparse terminal reward of the toy world: the fraction of exam points right (TA-style),
+    (R,) float."""
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         return score_images(images, prompts).points

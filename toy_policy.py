@@ -1,13 +1,14 @@
-"""The toy's base policy: Bagel's MoT with its tiny preset, a word tokenizer, the grounding hook, and the SFT
-warm-up on noisy (prompt, plan, image) triples that makes it an imperfect base, as the paper's SFT'd BAGEL is.
+"""The toy's base policy: Bagel's MoT with its tiny preset, a word tokenizer, the grounding hook, and
+the SFT warm-up on noisy (prompt, plan, image) triples that makes it an imperfect base, as the paper's
+SFT'd BAGEL is.
 
-    policy = toy_policy.build_policy(seed=0)           # model.Policy, random init, fp32
-    toy_policy.sft(policy, cfg, cache_dir, print)      # Bagel's own losses; cached by everything it depends on
+    policy = toy_policy.build_policy(seed=0)       # a policy.Policy, random init, fp32
+    toy_policy.sft(policy, cfg, cache_dir, print)  # Bagel's own losses, cached by all they depend on
 
-Toy-only behaviour lives here and nowhere in Bagel's path: `WordTokenizer` (one id per word of the toy world)
-and `Grounding`, the model's embed hook (model.py deviation 5c). The SFT triples are imperfect on purpose, like
-real paired data (`sft_noise`): SFT learns their mistakes, more SFT keeps them, and only a reward tells a
-mistake from a choice (RESULTS.md).
+Toy-only behaviour lives here and nowhere in Bagel's path: `WordTokenizer` (one id per word of the toy
+world) and `Grounding`, the Policy's embed hook (policy.py deviation 4). The SFT triples are imperfect on
+purpose, like real paired data (`sft_noise`): SFT learns their mistakes, more SFT keeps them, and only a
+reward tells a mistake from a choice (RESULTS.md).
 
 Deviations / borrowed defaults
     1. SFT trains both experts with Bagel's losses, CE on the plan plus the flow-matching MSE at a
@@ -30,7 +31,8 @@ from tqdm import tqdm
 
 import checkpoint
 import toy
-from model import BagelConfig, Policy, train_timesteps
+from model import BagelConfig, train_timesteps
+from policy import Policy
 
 
 class WordTokenizer:
@@ -68,15 +70,16 @@ class WordTokenizer:
 
 
 class Grounding:
-    """The toy's embed hook (model.py deviation 5c): each plan token of a chunk `c5 red circle` gets
-    scale * latent_pos_embed(cell 5) added to its input embedding, so an image token finds its object's colour
-    and shape by position (GLIGEN-style); without it the image ignores positions. A ground token (`c5`) is in
-    its cell; with span ends, so is every token after it up to the next span end (`;`, im_start, im_end). The
-    cell comes first, so this stays causal and KV-cacheable: the cell still open after the last valid token is
-    the carry of the next call. The scale (toy 0.1) keeps the sincos rows (norm ~8) from drowning a token's own
-    embedding (norm ~0.2 at init).
+    """The toy's embed hook (policy.py deviation 4): each plan token of a chunk `c5 red circle` gets
+    scale * latent_pos_embed(cell 5) added to its input embedding, so an image token finds its object's
+    colour and shape by position (GLIGEN-style); without it the image ignores positions. A ground token
+    (`c5`) is in its cell; with span ends, so is every token after it up to the next span end (`;`,
+    im_start, im_end). The cell comes first, so this stays causal and KV-cacheable: the cell still open
+    after the last valid token is the carry of the next call. The scale (toy 0.1) keeps the sincos rows
+    (norm ~8) from drowning a token's own embedding (norm ~0.2 at init).
 
-    token_ids: ground tokens; token_cells: the cell k = row*w + col of each (default: token i in cell i)."""
+    token_ids: the ground tokens; token_cells: the cell k = row*w + col of each (default: i for the
+    i-th)."""
     FILE = "toy_grounding.json"
 
     def __init__(self, token_ids, token_cells=None, span_end_ids=(), scale=0.1, grid_hw=(toy.GRID, toy.GRID)):
@@ -86,7 +89,8 @@ class Grounding:
         self.grid_hw = tuple(int(s) for s in grid_hw)
         h, w = self.grid_hw
         if len(self.token_cells) != len(self.token_ids):
-            raise ValueError(f"token_cells has {len(self.token_cells)} entries, token_ids {len(self.token_ids)}")
+            raise ValueError(f"token_cells has {len(self.token_cells)} entries, token_ids "
+                             f"{len(self.token_ids)}")
         if any(not 0 <= k < h * w for k in self.token_cells):
             raise ValueError(f"token_cells {self.token_cells}: cells must lie in the {h}x{w} grid")
         if set(self.span_end_ids) & set(self.token_ids):
@@ -103,8 +107,8 @@ class Grounding:
         return cls(tokenizer.encode(" ".join(w for w, _ in pairs)), [k for _, k in pairs], ends, scale)
 
     def spec(self) -> dict:
-        return {"token_ids": self.token_ids, "token_cells": self.token_cells, "span_end_ids": self.span_end_ids,
-                "scale": self.scale, "grid_hw": self.grid_hw}
+        return {"token_ids": self.token_ids, "token_cells": self.token_cells,
+                "span_end_ids": self.span_end_ids, "scale": self.scale, "grid_hw": self.grid_hw}
 
     def save_pretrained(self, folder):
         path = Path(folder) / self.FILE
@@ -146,7 +150,8 @@ class Grounding:
         return cells
 
     def __call__(self, model, ids, valid, carry=None):
-        """The hook: (extra input embedding (R, L, H), the cell open after the last valid token (R,) or None)."""
+        """The hook: (extra input embedding (R, L, H), the cell open after the last valid token (R,),
+        or None without spans)."""
         if model.cfg.grid(model.cfg.image_hw) != self.grid_hw:
             raise ValueError(f"Grounding is for a {self.grid_hw} grid, the model's is "
                              f"{model.cfg.grid(model.cfg.image_hw)}")
@@ -215,8 +220,8 @@ def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0)
 
 
 def sft_cache_path(policy, cfg, cache_dir: Path) -> Path:
-    """The cache file of this SFT: keyed by everything its weights depend on (the model's config, vocabulary and
-    hook, the seed, the sft_* settings and the data, through its first batch's plans)."""
+    """The cache file of this SFT, keyed by everything its weights depend on: the model's config,
+    vocabulary and hook, the seed, the sft_* settings and the data (through its first batch's plans)."""
     hook = policy.embed_hook.spec() if policy.embed_hook is not None else None
     what = [checkpoint.config_to_json(policy.cfg), getattr(policy.tokenizer, "vocab", None), hook, cfg.seed,
             *(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("sft_")),

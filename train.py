@@ -31,7 +31,8 @@ import unigrpo
 
 
 def build_policy(cfg, start=None):
-    """The policy of cfg.model: the toy's (random init) or an official checkpoint; `start`: copy its weights."""
+    """The policy of cfg.model: the toy's (random init) or an official checkpoint; with `start`, holding
+    its weights."""
     if cfg.model == "toy":
         policy = toy_policy.build_policy(cfg.seed, cfg.device)
     else:
@@ -55,7 +56,10 @@ def log_jsonl(path: Path, record: dict):
 def main(argv=None):
     cfg, args = config.parse_args(sys.argv[1:] if argv is None else argv)
     if cfg.model != "toy":
-        checkpoint.check_pretrained_folder(cfg.model)    # a bad folder fails before anything else
+        try:                                             # a bad folder fails before anything else
+            checkpoint.check_pretrained_folder(cfg.model)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: --model={cfg.model}: {e}") from None
     with checkpoint.run_folder(Path(cfg.out_dir) / cfg.name, args.resume, args.overwrite) as run_dir:
         try:
             return run(cfg, run_dir, args.resume)
@@ -79,7 +83,7 @@ def run(cfg, run_dir: Path, resume: bool, log=print) -> dict:
     summary["seconds"]["sft"] = toy_policy.sft(policy, cfg, Path(cfg.out_dir) / "sft-cache", log)
     evaluate.evaluate_stage(policy, cfg, run_dir, "before", summary, log)
 
-    ref = unigrpo.reference_policy(lambda: build_policy(cfg, start=policy))   # theta_ref: the policy RL starts from
+    ref = unigrpo.reference_policy(lambda: build_policy(cfg, start=policy))    # theta_ref: RL's start
     opt = unigrpo.make_optimizer(policy, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     start = 0
@@ -100,7 +104,8 @@ def run(cfg, run_dir: Path, resume: bool, log=print) -> dict:
             stats = unigrpo.update(policy, ref, opt, ro, cfg, gen)
         except FloatingPointError as e:
             raise FloatingPointError(f"RL step {step}: {e}") from None
-        record = {"step": step, **unigrpo.rollout_stats(ro, cfg.group_size), **stats, "step_time": time.time() - ts}
+        record = {"step": step, **unigrpo.rollout_stats(ro, cfg.group_size), **stats,
+                  "step_time": time.time() - ts}
         log_jsonl(metrics, record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.rl_steps:
@@ -110,7 +115,8 @@ def run(cfg, run_dir: Path, resume: bool, log=print) -> dict:
     evaluate.evaluate_stage(policy, cfg, run_dir, "after", summary, log)
     if metrics.exists() and metrics.stat().st_size:
         evaluate.plot_curve(run_dir / "reward_curve.png", metrics)
-    checkpoint.atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    text = json.dumps(summary, indent=1)
+    checkpoint.atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
     log(f"artifacts in {run_dir}/")
     return summary
 

@@ -1,31 +1,35 @@
 """UniGRPO: Prompt -> Thinking -> Image as one MDP, and the unified update (arXiv 2603.23500).
 
-Every reasoning token and every denoising step is an action; a reward model scores only the final image.
-For each prompt, G reasoning chains are sampled (text expert); each chain conditions one image trajectory
-(generation expert) that runs ODE steps except inside a short SDE window (FlowGRPO-Fast). Group-relative
-advantages (Eq. 1) are shared by all text and image actions of a trajectory, and one objective
-J = J_text + lam * J_flow (Eq. 7) updates both experts of the same model through one packed forward.
+Every reasoning token and every denoising step is an action; a reward model scores only the final
+image. For each prompt, G reasoning chains are sampled (text expert); each chain conditions one image
+trajectory (generation expert) that runs ODE steps except inside a short SDE window (FlowGRPO-Fast).
+Group-relative advantages (Eq. (1)) are shared by all text and image actions of a trajectory, and one
+objective J = J_text + lam * J_flow (Eq. (7)) updates both experts of the same model through one
+packed forward.
 
-This module talks to the model only through the Policy interface (model.py / DESIGN.md):
-think, context, velocity, train_forward, decode, encode, param_groups. The equations live in losses.py and
+This module talks to the model only through the Policy interface (policy.py, DESIGN.md): think,
+context, velocity, train_forward, decode, encode, param_groups; it gets the frozen reference through
+one function (reference_policy) and holds no state of its own. The equations live in losses.py and
 sampler.py; nothing here re-derives them.
 
 Glossary: B prompts per step, G group size, R = B*G rows, T reasoning tokens, K window steps,
-N latent tokens, D latent token dim; A advantages (R,), r ratio, theta policy, theta_ref frozen reference.
+N latent tokens, D latent token dim; A advantages (R,), r ratio, theta policy, theta_ref reference.
 
-Deviations / borrowed defaults (each a Config field, paper value noted there):
-- Minibatches are shuffled rows (whole groups are kept per rank, not per minibatch): advantages are
-  computed once per rollout, so a minibatch never needs its group.
-- `train_parts="text"|"image"` freezes the other expert AND drops its loss term (TextGRPO-only /
-  FlowGRPO-only baselines of the paper); "both" is UniGRPO.
-- `text_kl > 0` (paper: 0) adds TRL's k3 KL to the frozen reference on reasoning tokens: our documented
-  remedy when the reasoning, rewarded only through the image, drifts away from valid plans.
+Deviations / borrowed defaults (each a Config field, its paper value noted there):
+- Minibatches are shuffled rows: advantages are computed once per rollout, so a minibatch never
+  needs its group.
+- `train_parts="text"|"image"` freezes the other expert AND drops its loss term (the paper's
+  TextGRPO-only / FlowGRPO-only baselines); "both" is UniGRPO.
+- `text_kl > 0` (paper: 0) adds TRL's k3 KL to the frozen reference on reasoning tokens: the remedy
+  when the reasoning, rewarded only through the image, drifts away from valid plans.
 - `cfg_scale != 1` (paper: 1, no CFG in training) is the ablation with guided, branched rollouts: the
-  update then recomputes the same guided velocity (one formula, `model.guided_velocity`), so the ratio stays on-policy.
-- GRPO-Guard's 1/|dt| gradient reweighting (`losses.flow_grpo_loss(dt=...)`) is not applied: the paper's Eqs. 5-6
-  do not include it.
-- RatioNorm's bias term assumes Eq. 3's Gaussian log-density averaged over elements, so `ratio_norm=True` needs
-  `sde_kind="sde"` and `logprob_reduce="mean"` (checked).
+  update recomputes the same guided velocity (one formula, `model.guided_velocity`), so the ratio
+  stays on-policy.
+- GRPO-Guard's 1/|dt| gradient reweighting (`losses.flow_grpo_loss(dt=...)`) is not applied: the
+  paper's Eq. (5) and Eq. (6) do not include it.
+- RatioNorm's bias term assumes Eq. (3)'s Gaussian log-density averaged over elements, so
+  `ratio_norm=True` needs `sde_kind="sde"` and `logprob_reduce="mean"` (checked).
+- A non-finite loss or gradient norm raises FloatingPointError before the optimizer step.
 """
 from __future__ import annotations
 
@@ -59,14 +63,15 @@ def _texts(prompts) -> list[str]:
 
 
 def uncond_thoughts(policy, n_rows: int):
-    """The text-unconditional input for CFG: an empty prompt chunk and no reasoning. (Bagel's cfg_text_precontext
+    """The text-unconditional input for CFG: an empty prompt chunk and no reasoning. (Bagel's
+    cfg_text_precontext
     omits the chunk; an empty one keeps rollout and train_forward on the same layout.)"""
     return policy.think([""] * n_rows, n=1, max_new_tokens=0)
 
 
 @torch.no_grad()
 def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), temperature=None, num_steps=None):
-    """Prompt -> Thinking -> Image for n chains per prompt. Returns (thoughts, trajectory, images in [0, 1])."""
+    """Prompt -> Thinking -> Image for n chains per prompt: (thoughts, trajectory, images in [0, 1])."""
     steps = num_steps or cfg.num_steps
     thoughts = policy.think(_texts(prompts), n=n, max_new_tokens=cfg.max_think_tokens if cfg.think else 0,
                             temperature=cfg.temperature if temperature is None else temperature,
@@ -122,7 +127,8 @@ def make_optimizer(policy, cfg: Config) -> torch.optim.Optimizer:
     """AdamW with the paper's two learning rates; an expert switched off is frozen and left out."""
     groups = policy.param_groups()
     lrs = {"reasoning": cfg.lr_reasoning, "denoising": cfg.lr_denoising}
-    learn = {"both": ("reasoning", "denoising"), "text": ("reasoning",), "image": ("denoising",)}[cfg.train_parts]
+    learn = {"both": ("reasoning", "denoising"), "text": ("reasoning",),
+             "image": ("denoising",)}[cfg.train_parts]
     param_groups = []
     for name, params in groups.items():
         for p in params:
@@ -153,7 +159,8 @@ def _velocities(policy, thoughts, x_t, t, uncond, cfg):
 
 
 def unified_objective(policy, ref, ro: Rollout, idx, cfg: Config, uncond=None):
-    """Eq. (7) on one minibatch of rows idx: J_text (Eq. 2) + lam * J_flow (Eqs. 4-6) + w * reg (Eq. 8)."""
+    """Eq. (7) on one minibatch of rows idx: J_text (Eq. (2)) + lam * J_flow (Eq. (4), Eq. (5),
+    Eq. (6)) + w * reg (Eq. (8))."""
     th = ro.thoughts.select(idx)
     A = ro.advantages[idx]
     traj = ro.traj
@@ -191,7 +198,7 @@ def unified_objective(policy, ref, ro: Rollout, idx, cfg: Config, uncond=None):
         elif need_ref and cfg.regulariser == "latent_kl":
             ref_step = window_step(traj, idx, out_ref.v, cfg)
             flat = lambda x: rearrange(x, "b k ... -> (b k) ...")
-            dt = (traj.t_next - traj.t).repeat(len(idx))                                  # row (i, k) -> dt[k]
+            dt = (traj.t_next - traj.t).repeat(len(idx))                         # row (i, k) -> dt[k]
             reg = losses.latent_kl(flat(new.mean), flat(ref_step.mean), flat(traj.std[idx]), dt)
         if reg is not None:
             stats["regulariser"] = reg.item()

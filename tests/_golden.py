@@ -1,7 +1,8 @@
-"""Loaders for the FlowGRPO / GRPO-Guard / TRL golden vectors in tests/fixtures/flowgrpo (see its README).
+"""Loaders for the FlowGRPO / GRPO-Guard / TRL golden vectors in tests/fixtures/flowgrpo
+(see its README).
 
-Test files iterate over whatever cases, variants and steps the JSON files list, so a case added to the
-fixtures is tested with no code change.
+Test files iterate over whatever cases, variants and steps the JSON files list, so a case added to
+the fixtures is tested with no code change.
 """
 
 import functools
@@ -43,12 +44,13 @@ def has(name, key):
     return key in load_tensors(name)
 
 
-# FlowGRPO / GRPO-Guard loss fixture -------------------------------------------------------------------
+# FlowGRPO / GRPO-Guard loss fixture ---------------------------------------------------------------
 FLOW = "flowgrpo_loss"
 
 
 def flow_cases():
-    """(variant, config, j) for every variant in JSON `configs` and every step in `train_steps_j`."""
+    """(variant, config, j) for every variant in JSON `configs` and every step
+    in `train_steps_j`."""
     meta = load_json(FLOW + ".json")
     return [(v, cfg, j) for v, cfg in meta["configs"].items() for j in meta["train_steps_j"]]
 
@@ -66,7 +68,8 @@ def flow_step(variant, j, field):
 
 
 def chain_step(j):
-    """The rollout tensors of chain step j: old log-prob (B,), advantages (B,), old/new/ref means, v_new, v_ref."""
+    """The rollout tensors of chain step j: old log-prob (B,), advantages (B,), old/new/ref
+    means, v_new, v_ref."""
     return {
         "log_prob_old": flow("chain/log_probs")[:, j],
         "advantages": flow("chain/advantages")[:, j],
@@ -84,7 +87,7 @@ def transition_std(variant, j):
     return flow_step(variant, j, "std_dev_t") * flow_step(variant, j, "sqrt_neg_dt")
 
 
-# TRL GRPO fixture ---------------------------------------------------------------------------------------
+# TRL GRPO fixture ---------------------------------------------------------------------------------
 TRL = "trl_grpo"
 
 
@@ -101,12 +104,14 @@ def trl_has(key):
 
 
 def flow_policy_term(variant, cfg, j):
-    """The official per-step policy loss recomposed from our functions (Eqs. 4-6; RatioNorm as the official code)."""
+    """The official per-step policy loss recomposed from our functions (Eq. (4), Eq. (5),
+    Eq. (6); RatioNorm as the official code)."""
     from losses import flow_grpo_loss, log_ratio, ratio_norm
     chain = chain_step(j)
     lr = log_ratio(flow_step(variant, j, "log_prob_new"), chain["log_prob_old"])
     dt = None
     if cfg["rationorm"]:
-        lr = ratio_norm(lr, chain["mean_new"], chain["mean_old"], transition_std(variant, j), bias="batch")
+        lr = ratio_norm(lr, chain["mean_new"], chain["mean_old"], transition_std(variant, j),
+                        bias="batch")
         dt = flow_step(variant, j, "sqrt_neg_dt").mean() ** 2
     return flow_grpo_loss(lr, chain["advantages"], cfg["clip_range"], cfg["adv_clip_max"], dt)

@@ -1,5 +1,5 @@
-"""What the tests share: a tokenizer stub for the golden checkpoint (its prompts are ids written as text) and a
-random init with non-trivial weights."""
+"""What the tests share: a tokenizer stub for the golden checkpoint (its prompts are ids written as
+text) and a random init with non-trivial weights."""
 import math
 
 import pytest
@@ -17,16 +17,16 @@ class IdTokenizer:
 
 
 def randomize_weights(policy, seed):
-    """Fixture-style weights (norms 1 + 0.1 N, biases 0.05 N, matrices N/sqrt(fan_in)) so nothing is trivial;
-    Bagel's own init zeroes llm2vae, which would make every velocity path agree."""
+    """Fixture-style weights (norms 1 + 0.1 N, biases 0.05 N, matrices N/sqrt(fan_in)) so nothing is
+    trivial; Bagel's own init zeroes llm2vae, which would make every velocity path agree."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in policy.model.named_parameters():
             if name.startswith("latent_pos_embed."):
                 continue
             r = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * r if "norm" in name else 0.05 * r if p.ndim == 1 else r / math.sqrt(p.shape[-1])
-                    if "embed_tokens" not in name else r)
+            p.copy_(1 + 0.1 * r if "norm" in name else 0.05 * r if p.ndim == 1
+                    else r / math.sqrt(p.shape[-1]) if "embed_tokens" not in name else r)
     return policy
 
 
@@ -38,3 +38,11 @@ def id_tokenizer():
 @pytest.fixture(scope="session")
 def randomize():
     return randomize_weights
+
+
+@pytest.fixture(scope="session")
+def smoke():
+    """The toy preset at smoke size: a short SFT, 4 RL steps of 2 prompts x 4 chains, a tiny eval."""
+    return ["--toy", "--sft_steps=30", "--sft_batch=16", "--rl_steps=4", "--prompts_per_step=2",
+            "--group_size=4", "--eval_per_category=2", "--eval_steps=4", "--num_steps=6",
+            "--window_start=0,2", "--window_size=2", "--ckpt_every=2"]

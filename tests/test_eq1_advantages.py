@@ -1,4 +1,5 @@
-"""Eq. (1) group-relative advantages: closed forms, a loop re-derivation, FlowGRPO and TRL golden vectors."""
+"""Eq. (1) group-relative advantages: closed forms, a loop re-derivation, FlowGRPO and TRL
+golden vectors."""
 
 import math
 import statistics
@@ -12,7 +13,7 @@ from losses import group_advantages
 EPS = 1e-4
 
 
-# --- closed forms ------------------------------------------------------------------------------------
+# --- closed forms ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("std", ["population", "sample", "none"])
 @pytest.mark.parametrize("scope", ["group", "batch"])
 def test_equal_rewards_give_exactly_zero(std, scope):
@@ -29,7 +30,8 @@ def test_equal_rewards_give_exactly_zero(std, scope):
 def test_two_sample_group_population_and_sample_std():
     rewards = torch.tensor([1.0, 3.0], dtype=torch.float64)
     # population std = 1, sample std = sqrt(2)
-    assert torch.allclose(group_advantages(rewards, 2), torch.tensor([-1.0, 1.0]).double() / (1 + EPS))
+    assert torch.allclose(group_advantages(rewards, 2),
+                          torch.tensor([-1.0, 1.0]).double() / (1 + EPS))
     expected = torch.tensor([-1.0, 1.0]).double() / (math.sqrt(2) + EPS)
     assert torch.allclose(group_advantages(rewards, 2, std="sample"), expected)
     assert torch.equal(group_advantages(rewards, 2, std="none"), torch.tensor([-1.0, 1.0]).double())
@@ -45,11 +47,11 @@ def test_batch_scope_keeps_group_mean_and_uses_global_std():
 
 def test_group_of_one_is_zero_and_dtype_is_kept():
     rewards = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float32)
-    A = group_advantages(rewards, 1, std="sample")               # ddof 1 on one element: flat group, not NaN
+    A = group_advantages(rewards, 1, std="sample")      # ddof 1 on one element: flat group, not NaN
     assert A.dtype == torch.float32 and torch.equal(A, torch.zeros(3))
 
 
-# --- independent re-derivation: python statistics, one group at a time ----------------------------------
+# --- independent re-derivation: python statistics, one group at a time ----------------------------
 @pytest.mark.parametrize("std", ["population", "sample", "none"])
 @pytest.mark.parametrize("scope", ["group", "batch"])
 @pytest.mark.parametrize("group_size", [2, 3, 6])
@@ -71,13 +73,14 @@ def test_matches_loop_rederivation(std, scope, group_size):
     assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
-# --- golden: FlowGRPO PerPromptStatTracker (prompts interleaved, numpy ddof 0) ------------------------------
+# --- golden: FlowGRPO PerPromptStatTracker (prompts interleaved, numpy ddof 0) --------------------
 def _flowgrpo_by_prompt(rewards, prompts, eps, **kwargs):
-    """Regroup interleaved prompts into contiguous groups, apply Eq. 1, scatter back."""
+    """Regroup interleaved prompts into contiguous groups, apply Eq. (1), scatter back."""
     order = list(dict.fromkeys(prompts))
     perm = [i for p in order for i, q in enumerate(prompts) if q == p]
     sizes = {prompts.count(p) for p in order}
-    assert len(sizes) == 1, f"fixture prompts have unequal group sizes {sizes}; Eq. 1 needs equal groups"
+    assert len(sizes) == 1, (f"fixture prompts have unequal group sizes {sizes}; "
+                             "Eq. (1) needs equal groups")
     perm = torch.tensor(perm)
     A = torch.empty_like(rewards)
     A[perm] = group_advantages(rewards[perm], sizes.pop(), eps=eps, **kwargs)
@@ -87,22 +90,26 @@ def _flowgrpo_by_prompt(rewards, prompts, eps, **kwargs):
 FLOW_MODES = {
     "per_prompt_global_std_False": lambda r, p, eps: _flowgrpo_by_prompt(r, p, eps),
     "per_prompt_global_std_True": lambda r, p, eps: _flowgrpo_by_prompt(r, p, eps, scope="batch"),
-    "no_per_prompt": lambda r, p, eps: group_advantages(r, r.numel(), eps=eps),  # one group of all N
+    # one group of all N
+    "no_per_prompt": lambda r, p, eps: group_advantages(r, r.numel(), eps=eps),
 }
 
 
-@pytest.mark.parametrize("mode", list(golden.load_json("flowgrpo_loss.json")["stat_tracking"]["advantages"]))
+@pytest.mark.parametrize(
+    "mode", list(golden.load_json("flowgrpo_loss.json")["stat_tracking"]["advantages"]))
 def test_golden_flowgrpo_stat_tracking(mode):
     st = golden.load_json("flowgrpo_loss.json")["stat_tracking"]
     rewards = torch.tensor(st["rewards_1d"], dtype=torch.float64)
     got = FLOW_MODES[mode](rewards, st["prompts"], st["eps"])
-    expected = torch.tensor(st["advantages"][mode], dtype=torch.float64)     # (N, repeats), equal columns
+    # (N, repeats), equal columns
+    expected = torch.tensor(st["advantages"][mode], dtype=torch.float64)
     for column in expected.T:
         assert torch.allclose(got, column, rtol=1e-10, atol=1e-12), mode
 
 
-# --- golden: TRL _generate_and_score_completions (unbiased std) ------------------------------------------
-TRL_MODES = {"group": dict(std="sample"), "batch": dict(std="sample", scope="batch"), "none": dict(std="none")}
+# --- golden: TRL _generate_and_score_completions (unbiased std) -----------------------------------
+TRL_MODES = {"group": dict(std="sample"), "batch": dict(std="sample", scope="batch"),
+             "none": dict(std="none")}
 
 
 @pytest.mark.parametrize("mode", list(golden.load_json("trl_grpo.json")["advantages"]["out"]))
@@ -115,7 +122,7 @@ def test_golden_trl_advantages(mode):
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), mode
 
 
-# --- errors --------------------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, word", [
     (dict(rewards=torch.zeros(6), group_size=4), "group_size"),
     (dict(rewards=torch.zeros(6), group_size=0), "group_size"),

@@ -1,4 +1,5 @@
-"""Eq. (3): the SDE/CPS step against FlowGRPO's golden vectors, its closed form, an fp64 re-derivation, bad input."""
+"""Eq. (3): the SDE/CPS step against FlowGRPO's golden vectors, its closed form, an fp64
+re-derivation, bad input."""
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,8 @@ def tensors():
 
 
 def _times(tensors, case):
-    """Map the fixture's timestep (= 1000*sigma, one per sample) to (t, t_next) on the case's schedule."""
+    """Map the fixture's timestep (= 1000*sigma, one per sample) to (t, t_next) on the case's
+    schedule."""
     sched = f"schedule_{case['num_inference_steps']}"
     sigmas, sched_timesteps = tensors[f"{sched}/sigmas"], tensors[f"{sched}/timesteps"]
     timestep = tensors[f"{case['name']}/timestep"]
@@ -52,7 +54,8 @@ def test_golden_flowgrpo(tensors, case):
     assert out.std.shape == (g["sample"].shape[0],) + (1,) * (g["sample"].ndim - 1)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["sde_type"] == "sde"][:1], ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", [c for c in CASES if c["sde_type"] == "sde"][:1],
+                         ids=lambda c: c["name"])
 def test_golden_first_step_std_depends_on_grid(tensors, case):
     """NOTES §2: at sigma == 1 the diffusion coefficient uses sigmas[1] (fixture JSON names it)."""
     N = str(case["num_inference_steps"])
@@ -63,7 +66,7 @@ def test_golden_first_step_std_depends_on_grid(tensors, case):
     torch.testing.assert_close(out.std, torch.full_like(out.std, expected), rtol=1e-6, atol=0)
 
 
-# ---- closed form --------------------------------------------------------------------------------------------
+# ---- closed form ---------------------------------------------------------------------------------
 
 def _inputs(B=3, shape=(2, 3, 4), seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -82,16 +85,20 @@ def test_closed_form_std_and_log_prob(t, t_next, kind):
     tb = torch.as_tensor(t, dtype=torch.float32).expand(3).reshape(3, 1, 1, 1)
     nb = torch.as_tensor(t_next, dtype=torch.float32).expand(3).reshape(3, 1, 1, 1)
     x_next = x + 0.3 * torch.randn(x.shape, generator=g)
-    out = {r: sde_step(x, v, t, t_next, eta, x_next=x_next, reduce=r, kind=kind) for r in ("mean", "sum")}
+    out = {r: sde_step(x, v, t, t_next, eta, x_next=x_next, reduce=r, kind=kind)
+           for r in ("mean", "sum")}
     if kind == "sde":  # std = sigma_t*sqrt(|dt|); at t = 1 that is exactly eta
-        expected_std = torch.where(tb == 1, torch.full_like(tb, eta), eta * torch.sqrt(tb / (1 - tb) * (tb - nb)))
+        expected_std = torch.where(tb == 1, torch.full_like(tb, eta),
+                                   eta * torch.sqrt(tb / (1 - tb) * (tb - nb)))
         density = torch.distributions.Normal(out["mean"].mean, expected_std).log_prob(x_next)
     else:
         expected_std = nb * math.sin(eta * math.pi / 2)
         density = -(x_next - out["mean"].mean) ** 2
     torch.testing.assert_close(out["mean"].std, expected_std, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(out["mean"].log_prob, density.mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["sum"].log_prob, density.sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out["mean"].log_prob, density.mean(dim=(1, 2, 3)),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["sum"].log_prob, density.sum(dim=(1, 2, 3)),
+                               rtol=1e-5, atol=1e-4)
     assert out["mean"].x_next is x_next
 
 
@@ -129,7 +136,7 @@ def test_computes_in_float32():
     assert out.mean.dtype == out.log_prob.dtype == out.x_next.dtype == torch.float32
 
 
-# ---- independent fp64 re-derivation (score-correction form) -----------------------------------------------------
+# ---- independent fp64 re-derivation (score-correction form) --------------------------------------
 
 def _mean_fp64(x, v, t, t_next, eta, kind):
     x, v = x.double(), v.double()
@@ -142,20 +149,23 @@ def _mean_fp64(x, v, t, t_next, eta, kind):
         return x * (1 - t_next + t_next * c) + v * (t_next * c * (1 - t) - t * (1 - t_next))
     denom = torch.where(t == 1, 1 - t_next, 1 - t)
     sigma_t2 = eta**2 * t / denom
-    return x + v * dt + sigma_t2 / (2 * t) * eps_hat * dt  # drift v - (sigma^2/2)*score, score = -eps_hat/t
+    # drift v - (sigma^2/2)*score, score = -eps_hat/t
+    return x + v * dt + sigma_t2 / (2 * t) * eps_hat * dt
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_fp64_rederivation_on_fixture_inputs(tensors, case):
     g = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(case["name"] + "/")}
     t, t_next = _times(tensors, case)
-    out = sde_step(g["sample"], g["model_output"], t, t_next, case["noise_level"], x_next=g["prev_sample"],
-                   kind=case["sde_type"])
-    mu = _mean_fp64(g["sample"], g["model_output"], t, t_next, case["noise_level"], case["sde_type"])
+    out = sde_step(g["sample"], g["model_output"], t, t_next, case["noise_level"],
+                   x_next=g["prev_sample"], kind=case["sde_type"])
+    mu = _mean_fp64(g["sample"], g["model_output"], t, t_next, case["noise_level"],
+                    case["sde_type"])
     torch.testing.assert_close(out.mean.double(), mu, rtol=1e-5, atol=2e-6)
     if case["sde_type"] == "sde":
         s = out.std.double()
-        lp = (-(g["prev_sample"].double() - mu) ** 2 / (2 * s**2) - s.log() - 0.5 * math.log(2 * math.pi))
+        lp = (-(g["prev_sample"].double() - mu) ** 2 / (2 * s**2) - s.log()
+              - 0.5 * math.log(2 * math.pi))
         torch.testing.assert_close(out.log_prob.double(), lp.mean(dim=tuple(range(1, lp.ndim))),
                                    rtol=1e-5, atol=1e-5)
 
@@ -166,10 +176,11 @@ def test_fp64_rederivation_random(t, t_next, kind):
     x, v, _ = _inputs(seed=5)
     out = sde_step(x, v, t, t_next, 0.9, kind=kind)
     tb, nb = torch.as_tensor(t).expand(3), torch.as_tensor(t_next).expand(3)
-    torch.testing.assert_close(out.mean.double(), _mean_fp64(x, v, tb, nb, 0.9, kind), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(out.mean.double(), _mean_fp64(x, v, tb, nb, 0.9, kind),
+                               rtol=1e-5, atol=2e-6)
 
 
-# ---- bad input ------------------------------------------------------------------------------------------------
+# ---- bad input -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change,match", [
     (dict(v=torch.zeros(3, 2, 3)), "v"),
@@ -189,12 +200,14 @@ def test_fp64_rederivation_random(t, t_next, kind):
 def test_value_errors(change, match):
     x, v, _ = _inputs(seed=6)
     kw = dict(x_t=x, v=v, t=0.8, t_next=0.6, noise_level=0.7) | change
-    with pytest.raises(ValueError, match=rf"^{match}\b"):  # the message starts with the argument's name
+    # the message starts with the argument's name
+    with pytest.raises(ValueError, match=rf"^{match}\b"):
         sde_step(**kw)
 
 
-@pytest.mark.parametrize("change,match", [(dict(v=torch.zeros(3, 2)), "v"), (dict(t=0.5, t_next=0.7), "t_next"),
-                                          (dict(t=2.0), "t")])
+@pytest.mark.parametrize("change,match",
+                         [(dict(v=torch.zeros(3, 2)), "v"), (dict(t=0.5, t_next=0.7), "t_next"),
+                          (dict(t=2.0), "t")])
 def test_ode_step_value_errors(change, match):
     x, v, _ = _inputs(seed=7)
     with pytest.raises(ValueError, match=rf"^{match}\b"):

@@ -1,4 +1,5 @@
-"""Eq. (5) GRPO-Guard RatioNorm: closed forms, a numpy re-derivation, official (and #244) golden vectors."""
+"""Eq. (5) GRPO-Guard RatioNorm: closed forms, a numpy re-derivation, official (and #244)
+golden vectors."""
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ def _setup(seed=0, B=3, shape=(4, 5), same_s=False):
     return log_r, mean_old + dmu, mean_old, std
 
 
-# --- closed forms ------------------------------------------------------------------------------------
+# --- closed forms ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("bias", ["sample", "batch"])
 def test_unchanged_mean_only_rescales(bias):
     log_r, _, mean_old, std = _setup(same_s=True)
@@ -29,7 +30,8 @@ def test_unchanged_mean_only_rescales(bias):
 
 
 def test_gaussian_identity_removes_shift_and_scale():
-    """With x' = mu_old + s z, log r = mean(z dmu/s - dmu^2/(2 s^2)), so RatioNorm gives exactly mean(z dmu)."""
+    """With x' = mu_old + s z, log r = mean(z dmu/s - dmu^2/(2 s^2)), so RatioNorm gives exactly
+    mean(z dmu)."""
     B = 4
     _, mean, mean_old, std = _setup(seed=1, B=B)
     gen = torch.Generator().manual_seed(5)
@@ -48,7 +50,8 @@ def test_batch_and_sample_forms_agree_when_every_sample_is_alike():
 
 
 def test_bias_is_not_detached():
-    """d/d mu of the normalised log-ratio through the bias is dmu / (s * M) per element (M = element count)."""
+    """d/d mu of the normalised log-ratio through the bias is dmu / (s * M) per element
+    (M = element count)."""
     log_r, mean, mean_old, std = _setup(seed=2)
     mean = mean.clone().requires_grad_(True)
     ratio_norm(log_r, mean, mean_old, std, "sample").sum().backward()
@@ -57,7 +60,8 @@ def test_bias_is_not_detached():
 
 
 def test_window_steps_equal_per_step_calls():
-    """log_r (B, K) with means (B, K, ...) is the same as K separate (B,) calls, for both bias forms."""
+    """log_r (B, K) with means (B, K, ...) is the same as K separate (B,) calls, for
+    both bias forms."""
     B, K = 3, 2
     steps = [_setup(seed=10 + k, B=B) for k in range(K)]
     log_r = torch.stack([st[0] for st in steps], 1)
@@ -68,19 +72,23 @@ def test_window_steps_equal_per_step_calls():
         assert got.shape == (B, K) and torch.allclose(got, expected, rtol=1e-13), bias
 
 
-# --- independent re-derivation: numpy, one sample at a time --------------------------------------------
+# --- independent re-derivation: numpy, one sample at a time ---------------------------------------
 def test_matches_numpy_rederivation():
     log_r, mean, mean_old, std = _setup(seed=4, B=5)
     lr, mu, mu0, s = log_r.numpy(), mean.numpy(), mean_old.numpy(), std.reshape(-1).numpy()
-    per_sample = np.array([lr[b] + np.mean((mu[b] - mu0[b]) ** 2) / (2 * s[b] ** 2) for b in range(5)]) * s
-    assert np.allclose(ratio_norm(log_r, mean, mean_old, std, "sample").numpy(), per_sample, rtol=1e-12)
+    per_sample = np.array([lr[b] + np.mean((mu[b] - mu0[b]) ** 2) / (2 * s[b] ** 2)
+                           for b in range(5)]) * s
+    assert np.allclose(ratio_norm(log_r, mean, mean_old, std, "sample").numpy(),
+                       per_sample, rtol=1e-12)
     s_bar = s.mean()
     b_batch = np.mean((mu - mu0) ** 2) / (2 * s_bar**2)
-    assert np.allclose(ratio_norm(log_r, mean, mean_old, std, "batch").numpy(), (lr + b_batch) * s_bar, rtol=1e-12)
-    assert np.allclose(ratio_norm_bias(log_r, mean, mean_old, std, "batch").numpy(), b_batch, rtol=1e-12)
+    assert np.allclose(ratio_norm(log_r, mean, mean_old, std, "batch").numpy(),
+                       (lr + b_batch) * s_bar, rtol=1e-12)
+    assert np.allclose(ratio_norm_bias(log_r, mean, mean_old, std, "batch").numpy(),
+                       b_batch, rtol=1e-12)
 
 
-# --- golden: official GRPO-Guard (bias="batch") and the #244 per-sample form -------------------------------
+# --- golden: official GRPO-Guard (bias="batch") and the #244 per-sample form ----------------------
 GUARD_CASES = [c for c in golden.flow_cases() if c[1]["rationorm"]]
 
 
@@ -106,7 +114,7 @@ def test_golden_cases_exist():
     assert GUARD_CASES, "flowgrpo_loss.json lists no rationorm variant"
 
 
-# --- errors --------------------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, word", [
     (dict(bias="mean"), "bias"),
     (dict(mean_old=torch.zeros(3, 4)), "mean_old"),

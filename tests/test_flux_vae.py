@@ -1,5 +1,6 @@
-"""Tests for flux_vae.py: golden outputs of the official FLUX AE (tests/fixtures/bagel/ae.safetensors), the key
-mapping against an independent enumeration of the FLUX topology, the sampled path, and the error messages."""
+"""Tests for flux_vae.py: golden outputs of the official FLUX AE
+(tests/fixtures/bagel/ae.safetensors), the key mapping against an independent enumeration of the
+FLUX topology, the sampled path, and the error messages."""
 import json
 import math
 from pathlib import Path
@@ -8,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flux_vae import FLUX_AE_7B_PARAMS, FluxVAE, convert_flux_ae_state_dict, flux_vae_config, load_flux_vae
+from flux_vae import (FLUX_AE_7B_PARAMS, FluxVAE, convert_flux_ae_state_dict, flux_vae_config,
+                      load_flux_vae)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bagel"
 WEIGHTS = FIXTURES / "model" / "ae_tiny.safetensors"
@@ -16,12 +18,14 @@ GOLDEN = FIXTURES / "ae.safetensors"
 ATOL = RTOL = 1e-4
 
 # Bagel-7B's FLUX AE as written in SPEC.md (VAE section).
-SPEC_7B = {"resolution": 256, "in_channels": 3, "downsample": 8, "ch": 128, "out_ch": 3, "ch_mult": [1, 2, 4, 4],
-           "num_res_blocks": 2, "z_channels": 16, "scale_factor": 0.3611, "shift_factor": 0.1159}
+SPEC_7B = {"resolution": 256, "in_channels": 3, "downsample": 8, "ch": 128, "out_ch": 3,
+           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "z_channels": 16, "scale_factor": 0.3611,
+           "shift_factor": 0.1159}
 
 
 def official_shapes(p: dict) -> dict:
-    """Every tensor of FLUX's AutoEncoder(params) with its shape, re-derived from the official Encoder/Decoder."""
+    """Every tensor of FLUX's AutoEncoder(params) with its shape, re-derived from the official
+    Encoder/Decoder."""
     shapes = {}
 
     def conv(name, c_in, c_out, k):
@@ -88,7 +92,7 @@ def _close(name, got, want):
     return err
 
 
-# --- golden vectors ----------------------------------------------------------------------------------------------
+# --- golden vectors -------------------------------------------------------------------------------
 
 GOLDEN_OUTPUTS = {  # fixture name -> how to reproduce it
     "encoder_moments": lambda v, g: v.moments(g["image"]),
@@ -107,9 +111,11 @@ def test_golden_outputs(vae, golden, name):
 def test_golden_closed_forms(vae, golden, params):
     # z = scale*(mu - shift) on the fixture's own moments; decode undoes it before the decoder.
     mu = golden["encoder_moments"].chunk(2, dim=1)[0]
-    _close("z from fixture moments", params["scale_factor"] * (mu - params["shift_factor"]), golden["z_mean_scaled"])
+    _close("z from fixture moments", params["scale_factor"] * (mu - params["shift_factor"]),
+           golden["z_mean_scaled"])
     z = golden["z_mean_scaled"]
-    _close("decode vs raw decoder", vae.decode(z), vae.ae.decoder(z / params["scale_factor"] + params["shift_factor"]))
+    _close("decode vs raw decoder", vae.decode(z),
+           vae.ae.decoder(z / params["scale_factor"] + params["shift_factor"]))
     f = 2 ** (len(params["ch_mult"]) - 1)
     assert vae.downsample == f and z.shape[-2:] == tuple(s // f for s in golden["image"].shape[-2:])
 
@@ -121,7 +127,7 @@ def test_fp64_load(golden, params):
     _close("fp64 z", v64.encode(golden["image"].double()).float(), golden["z_mean_scaled"])
 
 
-# --- sampled path --------------------------------------------------------------------------------------------------
+# --- sampled path ---------------------------------------------------------------------------------
 
 @torch.no_grad()
 def test_sample_rederived_with_generator(vae, golden, params):
@@ -137,7 +143,8 @@ def test_sample_rederived_with_generator(vae, golden, params):
 
 
 def test_fixture_sample_is_mean_plus_std_noise(golden, params):
-    # The official sampled z, unscaled and standardised with the official moments, must look like N(0, 1).
+    # The official sampled z, unscaled and standardised with the official moments,
+    # must look like N(0, 1).
     mu, logvar = golden["encoder_moments"].chunk(2, dim=1)
     z = golden["z_sampled_scaled"] / params["scale_factor"] + params["shift_factor"]
     eps = ((z - mu) / torch.exp(0.5 * logvar)).flatten().double()
@@ -146,7 +153,7 @@ def test_fixture_sample_is_mean_plus_std_noise(golden, params):
     assert abs(eps.var().item() - 1) < 5 * math.sqrt(2 / n)
 
 
-# --- key mapping and topology --------------------------------------------------------------------------------------
+# --- key mapping and topology ---------------------------------------------------------------------
 
 def _assert_maps_onto(official: dict, p: dict, model: FluxVAE):
     converted = convert_flux_ae_state_dict(official, len(p["ch_mult"]), p["num_res_blocks"])
@@ -168,7 +175,8 @@ def test_fixture_keys_are_official_and_map_both_ways(params):
 def test_flux_7b_topology_on_meta():
     assert FLUX_AE_7B_PARAMS == SPEC_7B
     shapes = official_shapes(SPEC_7B)
-    assert any("nin_shortcut" in k for k in shapes)  # the 7B net exercises the width-changing resnets
+    # the 7B net exercises the width-changing resnets
+    assert any("nin_shortcut" in k for k in shapes)
     with torch.device("meta"):
         model = FluxVAE(SPEC_7B)
         official = {k: torch.empty(s) for k, s in shapes.items()}
@@ -180,13 +188,16 @@ def test_config_matches_flux_params(params):
     for p in (params, SPEC_7B):
         cfg = flux_vae_config(p)
         assert cfg["block_out_channels"] == [p["ch"] * m for m in p["ch_mult"]]
-        assert cfg["layers_per_block"] == p["num_res_blocks"] and cfg["latent_channels"] == p["z_channels"]
+        assert (cfg["layers_per_block"] == p["num_res_blocks"]
+                and cfg["latent_channels"] == p["z_channels"])
         assert len(cfg["down_block_types"]) == len(cfg["up_block_types"]) == len(p["ch_mult"])
-        assert not cfg["use_quant_conv"] and not cfg["use_post_quant_conv"] and cfg["mid_block_add_attention"]
-        assert (cfg["scaling_factor"], cfg["shift_factor"]) == (p["scale_factor"], p["shift_factor"])
+        assert (not cfg["use_quant_conv"] and not cfg["use_post_quant_conv"]
+                and cfg["mid_block_add_attention"])
+        assert ((cfg["scaling_factor"], cfg["shift_factor"])
+                == (p["scale_factor"], p["shift_factor"]))
 
 
-# --- errors --------------------------------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
 
 def test_missing_file(tmp_path, params):
     missing = tmp_path / "no_ae.safetensors"

@@ -1,7 +1,8 @@
 """Golden parity of model.py with the official BAGEL code (tests/fixtures/bagel, see its README).
 
-Every setting (prompt ids, image size, timesteps, split lengths, layer count, special ids) is read from
-meta.json, the safetensors files and the checkpoint folder, so a second fixture set runs unchanged.
+Every setting (prompt ids, image size, timesteps, split lengths, layer count, special ids) is read
+from meta.json, the safetensors files and the checkpoint folder, so a second fixture set runs
+unchanged.
 Float tensors: atol = rtol = 1e-4 (README); integer tensors (ids, positions, indexes): exact.
 """
 import json
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import model as M
+from policy import Thoughts, text_rows
 
 FIX = Path(__file__).parent / "fixtures" / "bagel"
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -35,8 +37,10 @@ def _load(name):
 
 
 def _close(actual, expected, what):
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    torch.testing.assert_close(actual.float(), expected.float(), **TOL, msg=lambda m: f"{what}: {m}")
+    assert actual.shape == expected.shape, (f"{what}: shape {tuple(actual.shape)} vs "
+                                            f"{tuple(expected.shape)}")
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def _exact(actual, expected, what):
@@ -50,7 +54,7 @@ def _prompt(meta):
 def _prefill(policy, meta):
     """The text context of the fixtures: the prompt chunk, no system prompt, no reasoning."""
     th = policy.think([_prompt(meta)], n=1, max_new_tokens=0)
-    ids, valid, _ = policy._text_rows(th)
+    ids, valid, _ = text_rows(policy.cfg, th, policy.device)
     h, ctx = policy.forward_text(ids, valid)
     return th, h, ctx
 
@@ -61,14 +65,18 @@ def test_config_read_from_folder(policy):
     c = policy.cfg
     for k in checkpoint.LLM_FIELDS:
         assert getattr(c, k) == llm[k], k
-    assert (c.latent_patch_size, c.max_latent_size) == (bag["latent_patch_size"], bag["max_latent_size"])
-    assert (c.latent_channels, c.latent_downsample) == (bag["vae_config"]["z_channels"], bag["vae_config"]["downsample"])
+    assert ((c.latent_patch_size, c.max_latent_size)
+            == (bag["latent_patch_size"], bag["max_latent_size"]))
+    assert ((c.latent_channels, c.latent_downsample)
+            == (bag["vae_config"]["z_channels"], bag["vae_config"]["downsample"]))
     assert [c.im_start_id, c.im_end_id, c.vision_start_id, c.vision_end_id] == [
-        bag["new_token_ids"][k] for k in ("bos_token_id", "eos_token_id", "start_of_image", "end_of_image")]
+        bag["new_token_ids"][k]
+        for k in ("bos_token_id", "eos_token_id", "start_of_image", "end_of_image")]
 
 
 def test_latent_pos_table_matches_checkpoint(policy):
-    """Our sincos table (column half first) reproduces the official frozen table stored in the checkpoint."""
+    """Our sincos table (column half first) reproduces the official frozen table stored in the
+    checkpoint."""
     stored = _load("model/ema.safetensors")["latent_pos_embed.pos_embed"]
     ours = M.sincos_2d_table(policy.cfg.hidden_size, policy.cfg.max_latent_size)
     torch.testing.assert_close(ours, stored, atol=1e-6, rtol=0)
@@ -78,9 +86,11 @@ def test_text_prefill(policy, meta):
     g = _load("text_prefill.safetensors")
     th, h, ctx = _prefill(policy, meta)
     _exact(th.prompt_ids[0], g["packed_text_ids"], "packed_text_ids")
-    _exact(ctx.key_mask.sum(1), torch.tensor(meta["text_prefill"]["kv_lens_after"]), "kv_lens_after")
+    _exact(ctx.key_mask.sum(1), torch.tensor(meta["text_prefill"]["kv_lens_after"]),
+           "kv_lens_after")
     _exact(ctx.rope_next, torch.tensor(meta["text_prefill"]["ropes_after"]), "ropes_after")
-    _exact(ctx.rope_next - g["packed_text_position_ids"].numel(), g["key_values_lens"], "position ids start")
+    _exact(ctx.rope_next - g["packed_text_position_ids"].numel(), g["key_values_lens"],
+           "position ids start")
     _close(h[0], g["final_hidden"], "final_hidden")
     _close(policy.model.language_model.lm_head(h)[0], g["logits"], "logits")
     layers = sorted({int(k.split(".")[1]) for k in g if k.startswith("kv_cache.")})
@@ -91,21 +101,24 @@ def test_text_prefill(policy, meta):
 
 
 def test_decode_steps_with_cache(policy, meta):
-    """Greedy decoding: im_start is fed first at rope_next; every step reuses and extends the cache."""
+    """Greedy decoding: im_start is fed first at rope_next; every step reuses and extends the
+    cache."""
     g = _load("text_prefill.safetensors")
     fed, step_logits = g["decode_tokens"], g["decode_step_logits"]
     assert fed[0].item() == policy.cfg.im_start_id
     _, _, ctx = _prefill(policy, meta)
     for k in range(fed.numel()):  # the cached primitive, fed the official tokens
         h, ctx = policy.forward_text(fed[k].view(1, 1), torch.ones(1, 1, dtype=torch.bool), ctx)
-        _close(policy.model.language_model.lm_head(h)[0, 0], step_logits[k], f"decode_step_logits[{k}]")
+        _close(policy.model.language_model.lm_head(h)[0, 0], step_logits[k],
+               f"decode_step_logits[{k}]")
     # think(temperature=0) is the same loop with its own greedy choices
     th = policy.think([_prompt(meta)], n=1, max_new_tokens=fed.numel(), temperature=0)
     greedy = step_logits.argmax(-1)
     T = th.ids.shape[1]
     _exact(th.ids[0], greedy[:T], "greedy tokens")
     _exact(th.ids[0, :-1], fed[1:T], "decode_tokens")
-    _close(th.logp[0], torch.log_softmax(step_logits[:T], -1).gather(1, greedy[:T, None])[:, 0], "logp")
+    _close(th.logp[0], torch.log_softmax(step_logits[:T], -1).gather(1, greedy[:T, None])[:, 0],
+           "logp")
 
 
 def test_gen_inputs_integers(policy, meta):
@@ -119,7 +132,8 @@ def test_gen_inputs_integers(policy, meta):
     _exact(pos[0], g["packed_position_ids"], "packed_position_ids")
     _exact(is_gen[0].nonzero()[:, 0], g["packed_vae_token_indexes"], "packed_vae_token_indexes")
     _exact((~is_gen[0]).nonzero()[:, 0], g["packed_text_indexes"], "packed_text_indexes")
-    _exact(torch.tensor([policy.cfg.vision_start_id, policy.cfg.vision_end_id]), g["packed_text_ids"], "packed_text_ids")
+    _exact(torch.tensor([policy.cfg.vision_start_id, policy.cfg.vision_end_id]),
+           g["packed_text_ids"], "packed_text_ids")
     _exact(M.latent_position_ids(h, w, policy.cfg.max_latent_size), g["packed_vae_position_ids"],
            "packed_vae_position_ids")
     _exact(kv_len + torch.arange(N + 2), g["packed_indexes"], "packed_indexes")
@@ -182,11 +196,12 @@ def test_train_forward(policy, meta):
 
     # the sequence: text split [im_start, ids..., im_end] = our (empty prompt, reasoning = the rest)
     text_ids = g["packed_text_ids"][:text_len]
-    assert text_ids[0].item() == policy.cfg.im_start_id and text_ids[-1].item() == policy.cfg.im_end_id
+    assert (text_ids[0].item() == policy.cfg.im_start_id
+            and text_ids[-1].item() == policy.cfg.im_end_id)
     reason = text_ids[1:][None]
-    th = M.Thoughts(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool), reason,
+    th = Thoughts(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool), reason,
                     torch.ones_like(reason, dtype=torch.bool), torch.zeros(reason.shape), [""])
-    ids, valid, starts = policy._text_rows(th)
+    ids, valid, starts = text_rows(policy.cfg, th, policy.device)
     _exact(ids[0], text_ids, "text split ids")
     is_gen, pos, mask = M.packed_layout(valid, K, N)
     _exact(pos[0], g["packed_position_ids"], "packed_position_ids")
@@ -194,12 +209,13 @@ def test_train_forward(policy, meta):
     _exact(is_gen[0].nonzero()[:, 0], g["packed_vae_token_indexes"], "packed_vae_token_indexes")
     _exact(is_gen[0].nonzero()[:, 0], g["mse_loss_indexes"], "mse_loss_indexes")
     _exact((~is_gen[0]).nonzero()[:, 0], g["packed_text_indexes"], "packed_text_indexes")
-    _exact(torch.cat([text_ids, torch.tensor([policy.cfg.vision_start_id, policy.cfg.vision_end_id] * K)]).sort()[0],
+    _exact(torch.cat([text_ids, torch.tensor([policy.cfg.vision_start_id,
+                                              policy.cfg.vision_end_id] * K)]).sort()[0],
            g["packed_text_ids"].sort()[0], "packed_text_ids")
     _exact(starts[0] + torch.arange(reason.shape[1]), g["ce_loss_indexes"], "ce_loss_indexes")
     _exact(reason[0], g["packed_label_ids"], "packed_label_ids")
-    _exact(M.latent_position_ids(h, w, policy.cfg.max_latent_size).repeat(K), g["packed_latent_position_ids"],
-           "packed_latent_position_ids")
+    _exact(M.latent_position_ids(h, w, policy.cfg.max_latent_size).repeat(K),
+           g["packed_latent_position_ids"], "packed_latent_position_ids")
 
     x_blocks = g["x_t"].reshape(1, K, N, -1)
     t_blocks = t_tok.reshape(K, N)[:, 0][None]

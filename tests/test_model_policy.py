@@ -1,6 +1,7 @@
-"""The Policy interface of model.py: the rollout (cached) and training (packed) paths agree before any update,
-on the toy preset and on the golden tiny BAGEL checkpoint, with ragged prompts and reasoning; plus closed forms
-of the helpers (patchify, positions, tables, masks), the toy deviations and the parameter groups."""
+"""The Policy interface (policy.py): the rollout (cached) and training (packed) paths agree before
+any update, on the toy preset and on the golden tiny BAGEL checkpoint, with ragged prompts and
+reasoning; plus closed forms of the helpers (patchify, positions, tables, masks), the toy deviations
+and the parameter groups."""
 import dataclasses
 import json
 import math
@@ -11,6 +12,7 @@ import torch
 
 import checkpoint
 import model as M
+from policy import Policy
 import toy_policy
 
 FIX = Path(__file__).parent / "fixtures" / "bagel"
@@ -25,11 +27,17 @@ def tok():
 @pytest.fixture(scope="module")
 def toy(tok, randomize):
     torch.set_num_threads(1)
-    hook = toy_policy.Grounding(tok.encode("red green blue circle"))  # 4 ground tokens -> cells 0..3 of the grid
+    # 4 ground tokens -> cells 0..3 of the grid
+    return small_toy(tok, toy_policy.Grounding(tok.encode("red green blue circle")), randomize, seed=1)
+
+
+def small_toy(tok, hook, randomize, seed):
+    """A 2-layer toy policy with `hook`, random weights, and softer logits so that the stop token is
+    sampled within a few steps (ragged rows)."""
     cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_key_value_heads=2)
-    policy = randomize(M.Policy.from_config(cfg, tok, seed=0, embed_hook=hook), seed=1).eval()
-    with torch.no_grad():  # softer logits so that the stop token is sampled in a few steps (ragged rows)
+    policy = randomize(Policy.from_config(cfg, tok, seed=0, embed_hook=hook), seed=seed).eval()
+    with torch.no_grad():
         policy.model.language_model.lm_head.weight.mul_(0.3)
     return policy
 
@@ -48,12 +56,14 @@ def golden_prompts():
     return [" ".join(map(str, ids[:3])), " ".join(map(str, ids[::-1]))]
 
 
-# ------------------------------------------------------------------------------------------ tokenizer, config
+# -------------------------------------------------------------------------------- tokenizer, config
 def test_toy_preset(tok):
     cfg = M.BagelConfig.toy(tok)
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.rope_theta) == (128, 4, 4, 1e6)
+    assert ((cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.rope_theta)
+            == (128, 4, 4, 1e6))
     assert cfg.timestep_shift == 3.0 and M.BagelConfig.bagel_7b().timestep_shift == 1.0
-    assert (cfg.codec, cfg.prediction, cfg.latent_channels, cfg.latent_downsample) == ("pixels", "x0", 3, 1)
+    assert ((cfg.codec, cfg.prediction, cfg.latent_channels, cfg.latent_downsample)
+            == ("pixels", "x0", 3, 1))
     assert cfg.grid(cfg.image_hw) == (4, 4) and cfg.patch_dim == 192 and cfg.max_latent_size == 4
     assert cfg.vocab_size == tok.vocab_size
     assert M.BagelConfig.toy(13).vocab_size == 13
@@ -66,15 +76,15 @@ def test_toy_preset(tok):
 
 def test_from_config_seeded(tok):
     cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    a, b, c = (M.Policy.from_config(cfg, tok, seed=s).model.state_dict() for s in (0, 0, 1))
+    a, b, c = (Policy.from_config(cfg, tok, seed=s).model.state_dict() for s in (0, 0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["language_model.lm_head.weight"], c["language_model.lm_head.weight"])
     assert torch.equal(a["latent_pos_embed.pos_embed"], M.sincos_2d_table(32, cfg.max_latent_size))
     with pytest.raises(ValueError, match="im_end_id"):
-        M.Policy.from_config(M.BagelConfig.toy(tok, im_end_id=7), tok)
+        Policy.from_config(M.BagelConfig.toy(tok, im_end_id=7), tok)
 
 
-# ------------------------------------------------------------------------------------------ closed forms
+# -------------------------------------------------------------------------------- closed forms
 def test_patchify_closed_form():
     C, h, w, p = 3, 2, 3, 2
     z = torch.randn(2, C, h * p, w * p)
@@ -85,7 +95,8 @@ def test_patchify_closed_form():
             for pi in range(p):
                 for qi in range(p):
                     for c in range(C):
-                        assert x[1, row * w + col, (pi * p + qi) * C + c] == z[1, c, p * row + pi, p * col + qi]
+                        assert (x[1, row * w + col, (pi * p + qi) * C + c]
+                                == z[1, c, p * row + pi, p * col + qi])
     assert torch.equal(M.unpatchify(x, h, w, p), z)
 
 
@@ -109,7 +120,8 @@ def test_position_tables_closed_form():
 
 
 def test_packed_layout_rule():
-    """Mask re-derived by the rule: text causal; a block sees all valid text and itself; nothing sees a block."""
+    """Mask re-derived by the rule: text causal; a block sees all valid text and itself; nothing
+    sees a block."""
     valid = torch.tensor([[True, True, True], [True, False, False]])
     K, N = 2, 2
     is_gen, pos, mask = M.packed_layout(valid, K, N)
@@ -128,7 +140,7 @@ def test_packed_layout_rule():
                 assert bool(mask[r, 0, i, j]) == want, (r, i, j)
 
 
-# ------------------------------------------------------------------------------------------ think
+# -------------------------------------------------------------------------------- think
 def test_think_contract(toy, tok):
     prompts = ["red circle", "two plus one blue square", ""]
     n, T = 4, 6
@@ -145,13 +157,15 @@ def test_think_contract(toy, tok):
         assert th.mask[r, :L].all() and not th.mask[r, L:].any() and (th.logp[r, L:] == 0).all()
         ids = th.ids[r, :L].tolist()
         stopped = tok.im_end_id in ids
-        assert (ids.index(tok.im_end_id) == L - 1) if stopped else L == T   # stop token kept and counted
+        # stop token kept and counted
+        assert (ids.index(tok.im_end_id) == L - 1) if stopped else L == T
         assert th.texts[r] == tok.decode([i for i in ids if i != tok.im_end_id])
         assert (th.logp[r, :L] < 0).all()
     same = toy.think(prompts, n=n, max_new_tokens=T, generator=torch.Generator().manual_seed(0))
     assert torch.equal(same.ids, th.ids)
     greedy = toy.think(prompts, n=3, max_new_tokens=T, temperature=0)
-    assert all(torch.equal(greedy.ids[3 * i], greedy.ids[3 * i + k]) for i in range(3) for k in (1, 2))
+    assert all(torch.equal(greedy.ids[3 * i], greedy.ids[3 * i + k])
+               for i in range(3) for k in (1, 2))
     off = toy.think(prompts, n=2, max_new_tokens=0)
     assert off.ids.shape == (6, 0) and off.logp.shape == (6, 0) and off.texts == [""] * 6
 
@@ -159,23 +173,25 @@ def test_think_contract(toy, tok):
 def test_think_prompt_too_long(tok):
     cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             max_position_embeddings=12)
-    pol = M.Policy.from_config(cfg, tok)
+    pol = Policy.from_config(cfg, tok)
     pol.think(["red circle"], n=1, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         pol.think(["red", "two plus one red circle"], n=1, max_new_tokens=6)
 
 
-# ------------------------------------------------------------------------------------------ agreement
+# -------------------------------------------------------------------------------- agreement
 def _agreement(policy, th, image_hw, K=2, seed=0):
     """train_forward (packed, one forward) vs think's logp and velocity() on the cached context."""
     g = torch.Generator().manual_seed(seed)
     R = th.ids.shape[0]
     N, D = policy.latent_shape(image_hw)
     x_t = torch.randn(R, K, N, D, generator=g)
-    t = 0.2 + 0.8 * torch.rand(R, K, generator=g)   # x0 mode divides by t: keep the float error readable
+    # x0 mode divides by t: keep the float error readable
+    t = 0.2 + 0.8 * torch.rand(R, K, generator=g)
     out = policy.train_forward(th, x_t, t, image_hw=image_hw)
     ctx = policy.context(th)
-    v_cached = torch.stack([policy.velocity(x_t[:, k], t[:, k], ctx, image_hw=image_hw) for k in range(K)], 1)
+    v_cached = torch.stack([policy.velocity(x_t[:, k], t[:, k], ctx, image_hw=image_hw)
+                            for k in range(K)], 1)
     assert out.logp.shape == th.logp.shape and out.v.shape == x_t.shape
     assert (out.logp - th.logp).abs().max() < 2e-5
     ratio = (out.logp - th.logp)[th.mask].exp()
@@ -186,38 +202,45 @@ def _agreement(policy, th, image_hw, K=2, seed=0):
 
 
 def test_agreement_toy_ragged(toy, tok):
-    th = toy.think(["red circle", "two plus one blue square"], n=4, max_new_tokens=6, temperature=0.7,
-                   generator=torch.Generator().manual_seed(2))
+    th = toy.think(["red circle", "two plus one blue square"], n=4, max_new_tokens=6,
+                   temperature=0.7, generator=torch.Generator().manual_seed(2))
     lens = th.mask.sum(1).tolist()
-    assert len(set(lens)) >= 3 and max(lens) == 6 and min(lens) < 6, lens   # ragged, truncated and stopped rows
+    # ragged, truncated and stopped rows
+    assert len(set(lens)) >= 3 and max(lens) == 6 and min(lens) < 6, lens
     _agreement(toy, th, toy.cfg.image_hw)
 
 
 def test_agreement_golden_ragged(golden, golden_prompts):
-    th = golden.think(golden_prompts, n=3, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
-    keep = torch.tensor([5, 2, 4, 1, 3, 5])[:, None] > torch.arange(th.ids.shape[1])  # ragged prefixes are causal
+    th = golden.think(golden_prompts, n=3, max_new_tokens=5,
+                      generator=torch.Generator().manual_seed(0))
+    # ragged prefixes are causal
+    keep = torch.tensor([5, 2, 4, 1, 3, 5])[:, None] > torch.arange(th.ids.shape[1])
     th.mask, th.logp = th.mask & keep, th.logp * keep
     hw = json.loads((FIX / "meta.json").read_text())["image_hw"]
     _agreement(golden, th, hw, K=2)
 
 
 def test_padding_and_batch_independence(golden, golden_prompts):
-    """A row's velocity and log-probs do not depend on the other rows of the batch (padding is masked)."""
-    th = golden.think(golden_prompts, n=2, max_new_tokens=3, generator=torch.Generator().manual_seed(1))
+    """A row's velocity and log-probs do not depend on the other rows of the batch
+    (padding is masked)."""
+    th = golden.think(golden_prompts, n=2, max_new_tokens=3,
+                      generator=torch.Generator().manual_seed(1))
     hw = (2 * golden.cfg.stride, 3 * golden.cfg.stride)
     N, D = golden.latent_shape(hw)
     x_t = torch.randn(4, N, D, generator=torch.Generator().manual_seed(2))
     v = golden.velocity(x_t, 0.7, golden.context(th), image_hw=hw)
     for r in (0, 3):
         one = th.select([r])
-        torch.testing.assert_close(golden.velocity(x_t[r:r + 1], 0.7, golden.context(one), image_hw=hw),
+        torch.testing.assert_close(golden.velocity(x_t[r:r + 1], 0.7, golden.context(one),
+                                                   image_hw=hw),
                                    v[r:r + 1], atol=2e-5, rtol=0)
         out = golden.train_forward(one, x_t[r:r + 1, None], torch.tensor([0.7]), image_hw=hw)
         torch.testing.assert_close(out.logp, th.logp[r:r + 1], atol=2e-5, rtol=0)
 
 
 def test_gradients_reach_both_experts(toy):
-    th = toy.think(["red circle"], n=2, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    th = toy.think(["red circle"], n=2, max_new_tokens=4,
+                   generator=torch.Generator().manual_seed(0))
     N, D = toy.latent_shape()
     x_t = torch.randn(2, 1, N, D)
     named = dict(toy.model.named_parameters())
@@ -225,23 +248,27 @@ def test_gradients_reach_both_experts(toy):
     gen = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
     toy.zero_grad()
     toy.train_forward(th, x_t, torch.tensor([0.5])).v.square().mean().backward()
-    assert named[und].grad.abs().sum() > 0 and named[gen].grad.abs().sum() > 0   # flow loss reaches the text expert
+    # flow loss reaches the text expert
+    assert named[und].grad.abs().sum() > 0 and named[gen].grad.abs().sum() > 0
     toy.zero_grad()
     out = toy.train_forward(th, x_t, torch.tensor([0.5]))
     out.logp.sum().backward()
-    assert named[gen].grad is None or named[gen].grad.abs().sum() == 0           # text never attends to latents
+    # text never attends to latents
+    assert named[gen].grad is None or named[gen].grad.abs().sum() == 0
     toy.zero_grad()
 
 
-# ------------------------------------------------------------------------------------------ velocity options
+# -------------------------------------------------------------------------------- velocity options
 def test_cfg_and_uncond(toy):
-    th = toy.think(["red circle", "blue square"], n=1, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
+    th = toy.think(["red circle", "blue square"], n=1, max_new_tokens=3,
+                   generator=torch.Generator().manual_seed(0))
     N, D = toy.latent_shape()
     x_t = torch.randn(2, N, D)
     ctx, unc = toy.context(th), toy.uncond_context(2)
     assert unc.key_mask.shape == (2, 0)  # toy has no system prompt: the empty context
     v, v_u = toy.velocity(x_t, 0.4, ctx), toy.velocity(x_t, 0.4, unc)
-    torch.testing.assert_close(toy.velocity(x_t, 0.4, ctx, cfg_scale=3.0, uncond=unc), v_u + 3.0 * (v - v_u))
+    torch.testing.assert_close(toy.velocity(x_t, 0.4, ctx, cfg_scale=3.0, uncond=unc),
+                               v_u + 3.0 * (v - v_u))
     with pytest.raises(ValueError, match="uncond"):
         toy.velocity(x_t, 0.4, ctx, cfg_scale=3.0)
     with pytest.raises(ValueError, match="x_t"):
@@ -249,8 +276,10 @@ def test_cfg_and_uncond(toy):
 
 
 def test_x0_prediction_is_velocity_of_x0_hat(toy):
-    """Deviation 5b: the same weights in 'velocity' mode give x0_hat; 'x0' mode returns (x_t - x0_hat)/max(t, t_min)."""
-    th = toy.think(["red circle"], n=2, max_new_tokens=2, generator=torch.Generator().manual_seed(0))
+    """Deviation 5b: the same weights in 'velocity' mode give x0_hat; 'x0' mode returns
+    (x_t - x0_hat)/max(t, t_min)."""
+    th = toy.think(["red circle"], n=2, max_new_tokens=2,
+                   generator=torch.Generator().manual_seed(0))
     N, D = toy.latent_shape()
     x_t, t = torch.randn(2, N, D), torch.tensor([0.5, 0.01])
     ctx = toy.context(th)
@@ -265,22 +294,21 @@ def test_x0_prediction_is_velocity_of_x0_hat(toy):
 
 @pytest.fixture(scope="module")
 def toy_span(tok, randomize):
-    """Spans (deviation 5c): 'red' and 'blue' are cells 5 and 15; 'plus' ends a span (as do im_start/im_end)."""
+    """Spans (policy.py deviation 4): 'red' and 'blue' are cells 5 and 15; 'plus' ends a span
+    (as do im_start/im_end)."""
     hook = toy_policy.Grounding.from_words(tok, [("red", 5), ("blue", 15)], span_end_words=["plus"])
-    cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_key_value_heads=2)
-    policy = randomize(M.Policy.from_config(cfg, tok, seed=0, embed_hook=hook), seed=4).eval()
-    with torch.no_grad():
-        policy.model.language_model.lm_head.weight.mul_(0.3)
-    return policy
+    return small_toy(tok, hook, randomize, seed=4)
 
 
 def test_agreement_toy_spans(toy_span, tok):
-    """KV-cached decoding carries the open span across calls (Context.hook_carry): think's log-probs and the
-    cached velocities equal the packed training pass, which grounds the whole sequence at once."""
-    th = toy_span.think(["red circle", "two plus one blue square"], n=6, max_new_tokens=8, temperature=1.0,
-                        generator=torch.Generator().manual_seed(5))
+    """KV-cached decoding carries the open span across calls (Context.hook_carry): think's
+    log-probs and the cached velocities equal the packed training pass, which grounds the whole
+    sequence at once."""
+    th = toy_span.think(["red circle", "two plus one blue square"], n=6, max_new_tokens=8,
+                        temperature=1.0, generator=torch.Generator().manual_seed(5))
     spans = toy_span.embed_hook.cells(th.ids)
-    assert ((spans >= 0) & th.mask).sum() > 4 and (spans[:, 1:] >= 0).any()   # spans open while decoding
+    # spans open while decoding
+    assert ((spans >= 0) & th.mask).sum() > 4 and (spans[:, 1:] >= 0).any()
     _agreement(toy_span, th, toy_span.cfg.image_hw)
 
 
@@ -321,9 +349,11 @@ def test_thoughts_from_text_and_select(toy, tok):
 
 
 def test_tokenizer_must_agree_with_the_config(tok):
-    """A tokenizer whose special ids or size disagree with the checkpoint config is refused, naming the token."""
+    """A tokenizer whose special ids or size disagree with the checkpoint config is refused,
+    naming the token."""
     cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     with pytest.raises(ValueError, match="im_end"):
-        M.Policy.from_config(dataclasses.replace(cfg, im_end_id=cfg.vision_start_id, vision_start_id=cfg.im_end_id), tok)
+        Policy.from_config(dataclasses.replace(cfg, im_end_id=cfg.vision_start_id,
+                                               vision_start_id=cfg.im_end_id), tok)
     with pytest.raises(ValueError, match="vocab_size"):
-        M.Policy.from_config(dataclasses.replace(cfg, vocab_size=tok.vocab_size - 1), tok)
+        Policy.from_config(dataclasses.replace(cfg, vocab_size=tok.vocab_size - 1), tok)

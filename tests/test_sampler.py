@@ -1,4 +1,5 @@
-"""The hybrid rollout: sde_window, and sample() as the single source of truth for the window steps."""
+"""The hybrid rollout: sde_window, and sample() as the single source of truth
+for the window steps."""
 import math
 
 import pytest
@@ -6,11 +7,11 @@ import torch
 
 from sampler import ode_step, sample, sde_step, sde_window, timesteps
 
-# ---- sde_window ---------------------------------------------------------------------------------------------
+# ---- sde_window ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_steps,start_range,size", [(10, (0, 5), 3), (12, (2, 4), 1), (7, (0, 0), 6),
-                                                        (25, (3, 20), 4)])
+@pytest.mark.parametrize("num_steps,start_range,size",
+                         [(10, (0, 5), 3), (12, (2, 4), 1), (7, (0, 0), 6), (25, (3, 20), 4)])
 def test_window_reaches_every_start_uniformly(num_steps, start_range, size):
     lo, hi = start_range
     g, draws = torch.Generator().manual_seed(0), 3000
@@ -23,7 +24,8 @@ def test_window_reaches_every_start_uniformly(num_steps, start_range, size):
     counts = torch.bincount(torch.tensor(starts), minlength=hi + 1)
     assert set(starts) == set(range(lo, hi + 1))
     p = 1 / (hi - lo + 1)  # each count within 5 binomial standard errors of draws*p
-    assert torch.all((counts[lo:].double() - draws * p).abs() <= 5 * math.sqrt(draws * p * (1 - p)) + 1e-9)
+    assert torch.all((counts[lo:].double() - draws * p).abs()
+                     <= 5 * math.sqrt(draws * p * (1 - p)) + 1e-9)
 
 
 def test_window_is_reproducible_from_the_generator():
@@ -39,8 +41,9 @@ def test_window_bound_is_the_second_to_last_step():
 
 @pytest.mark.parametrize("kwargs,name", [
     (dict(num_steps=10, size=0), "size"), (dict(num_steps=10, size=-2), "size"),
-    (dict(num_steps=10, size=1.5), "size"), (dict(num_steps=0), "num_steps"), (dict(num_steps=10.0), "num_steps"),
-    (dict(num_steps=10, start_range=(3, 2)), "start_range"), (dict(num_steps=10, start_range=(-1, 2)), "start_range"),
+    (dict(num_steps=10, size=1.5), "size"), (dict(num_steps=0), "num_steps"),
+    (dict(num_steps=10.0), "num_steps"), (dict(num_steps=10, start_range=(3, 2)), "start_range"),
+    (dict(num_steps=10, start_range=(-1, 2)), "start_range"),
     (dict(num_steps=10, start_range=(0, 7)), "start_range"), (dict(num_steps=5), "start_range"),
 ])
 def test_window_value_errors(kwargs, name):
@@ -48,7 +51,7 @@ def test_window_value_errors(kwargs, name):
         sde_window(**kwargs)
 
 
-# ---- sample() -----------------------------------------------------------------------------------------------
+# ---- sample() ------------------------------------------------------------------------------------
 
 B, N_TOK, D = 3, 4, 5
 
@@ -69,7 +72,8 @@ class Recorder:
 def _rollout(window, kind="sde", num_steps=10, seed=1, noise_level=0.7):
     fn, g = Recorder(), torch.Generator().manual_seed(seed)
     x_1 = torch.randn(B, N_TOK, D, generator=g)
-    return fn, sample(fn, x_1, timesteps(num_steps), window, noise_level, generator=g, kind=kind), x_1
+    return fn, sample(fn, x_1, timesteps(num_steps), window, noise_level, generator=g,
+                      kind=kind), x_1
 
 
 @pytest.mark.parametrize("kind", ["sde", "cps"])
@@ -94,7 +98,8 @@ def test_ode_outside_window_and_consistent_records(window, kind):
         x_t = traj.x_t[:, k].contiguous()  # a strided view can change matmul rounding by an ulp
         again = sde_step(x_t, fn(x_t, traj.t[k].expand(B)), traj.t[k], traj.t_next[k], 0.7,
                          x_next=traj.x_next[:, k], kind=kind)
-        assert torch.equal(again.log_prob, traj.log_prob[:, k]) and torch.equal(again.mean, traj.mean[:, k])
+        assert (torch.equal(again.log_prob, traj.log_prob[:, k])
+                and torch.equal(again.mean, traj.mean[:, k]))
         assert torch.equal(again.std, traj.std[:, k])
         assert not torch.equal(traj.x_next[:, k], traj.mean[:, k]) or kind == "cps" and i == 9
 
@@ -124,7 +129,8 @@ def test_reduce_is_passed_through():
 
 
 def test_no_autograd_graph_and_recomputed_window_steps_carry_gradients():
-    """Rollout under no_grad with a trainable velocity; the update recomputes only the window steps."""
+    """Rollout under no_grad with a trainable velocity; the update recomputes only
+    the window steps."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(D + 1, 16), torch.nn.Tanh(), torch.nn.Linear(16, D))
 
@@ -133,7 +139,8 @@ def test_no_autograd_graph_and_recomputed_window_steps_carry_gradients():
         return net(torch.cat([x_t, t_tok], dim=-1))
 
     g = torch.Generator().manual_seed(3)
-    traj = sample(velocity_fn, torch.randn(B, N_TOK, D, generator=g), timesteps(10), range(1, 4), 0.7, generator=g)
+    traj = sample(velocity_fn, torch.randn(B, N_TOK, D, generator=g), timesteps(10), range(1, 4),
+                  0.7, generator=g)
     for name in ("x_0", "x_t", "x_next", "mean", "std", "log_prob", "t", "t_next"):
         tensor = getattr(traj, name)
         assert not tensor.requires_grad and tensor.grad_fn is None, name
@@ -143,21 +150,25 @@ def test_no_autograd_graph_and_recomputed_window_steps_carry_gradients():
             x_t = traj.x_t[:, k].contiguous()
             v = velocity_fn(x_t, traj.t[k].expand(B))
             step = sde_step(x_t, v, traj.t[k], traj.t_next[k], 0.7, x_next=traj.x_next[:, k])
-            torch.testing.assert_close(step.log_prob, traj.log_prob[:, k], rtol=0, atol=0)  # ratio 1 at theta_old
+            # ratio 1 at theta_old
+            torch.testing.assert_close(step.log_prob, traj.log_prob[:, k], rtol=0, atol=0)
             getattr(step, through).sum().backward()
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters()), through
+            assert all(p.grad is not None and p.grad.abs().sum() > 0
+                       for p in net.parameters()), through
             assert not traj.x_next.requires_grad and not traj.log_prob.requires_grad
 
 
 def test_log_prob_gradient_closed_form():
-    """d log_prob / d v = (x_next - mean)/std^2 * (1 + sigma_t^2 (1 - t)/(2t)) * dt / D (reduce='mean')."""
+    """d log_prob / d v = (x_next - mean)/std^2 * (1 + sigma_t^2 (1 - t)/(2t)) * dt / D
+    (reduce='mean')."""
     x, x_next = torch.randn(2, 6), torch.randn(2, 6)
     v = torch.randn(2, 6, requires_grad=True)
     t, t_next, eta = 0.6, 0.45, 0.7
     step = sde_step(x, v, t, t_next, eta, x_next=x_next)
     step.log_prob.sum().backward()
     sigma2, dt = eta**2 * t / (1 - t), t_next - t
-    expected = (x_next - step.mean.detach()) / step.std**2 * (1 + sigma2 * (1 - t) / (2 * t)) * dt / 6
+    expected = ((x_next - step.mean.detach()) / step.std**2
+                * (1 + sigma2 * (1 - t) / (2 * t)) * dt / 6)
     torch.testing.assert_close(v.grad, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -178,7 +189,7 @@ def test_log_prob_gradient_closed_form():
     (dict(noise_level=-1.0), "noise_level"),
 ])
 def test_sample_value_errors(change, name):
-    kwargs = dict(velocity_fn=Recorder(), x_1=torch.randn(B, N_TOK, D), grid=timesteps(10), window=range(2, 5),
-                  noise_level=0.7) | change
+    kwargs = dict(velocity_fn=Recorder(), x_1=torch.randn(B, N_TOK, D), grid=timesteps(10),
+                  window=range(2, 5), noise_level=0.7) | change
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         sample(**kwargs)

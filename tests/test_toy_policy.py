@@ -1,9 +1,11 @@
-"""The toy's base policy (toy_policy.py): its word tokenizer, the grounding hook (model.py deviation 5c: closed
-forms of the embedding term, spans, the carry of KV-cached decoding), the toy build, and the SFT stage's cache."""
+"""The toy's base policy (toy_policy.py): its word tokenizer, the grounding hook (model.py
+deviation 5c: closed forms of the embedding term, spans, the carry of KV-cached decoding), the toy
+build, and the SFT stage's cache."""
 import pytest
 import torch
 
 import model as M
+from policy import Policy
 import toy
 import toy_policy
 
@@ -17,17 +19,19 @@ def tok():
 
 def small(tok, hook, randomize=None):
     cfg = M.BagelConfig.toy(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    policy = M.Policy.from_config(cfg, tok, seed=0, embed_hook=hook)
+    policy = Policy.from_config(cfg, tok, seed=0, embed_hook=hook)
     return policy if randomize is None else randomize(policy, seed=1)
 
 
 def embed(policy, ids):
     """The input embeddings of ids (1, L) with and without the hook's term."""
-    return policy.embed_text(ids, torch.ones_like(ids, dtype=torch.bool))[0], policy.model.embed_text(ids)
+    return (policy.embed_text(ids, torch.ones_like(ids, dtype=torch.bool))[0],
+            policy.model.embed_text(ids))
 
 
 def test_word_tokenizer(tok):
-    assert [tok.pad_id, tok.im_start_id, tok.im_end_id, tok.vision_start_id, tok.vision_end_id] == list(range(5))
+    assert ([tok.pad_id, tok.im_start_id, tok.im_end_id, tok.vision_start_id, tok.vision_end_id]
+            == list(range(5)))
     assert tok.vocab_size == 5 + len(WORDS)
     ids = tok.encode("two plus one red circle")
     assert ids == [5 + WORDS.index(w) for w in "two plus one red circle".split()]
@@ -46,7 +50,8 @@ def test_word_tokenizer_file_roundtrip_and_bad_file(tok, tmp_path):
 
 def test_grounding_from_words(tok):
     g = toy_policy.Grounding.from_words(tok, ["red", "blue"])
-    assert g.token_ids == tuple(tok.encode("red blue")) and g.token_cells == (0, 1) and g.scale == 0.1
+    assert (g.token_ids == tuple(tok.encode("red blue")) and g.token_cells == (0, 1)
+            and g.scale == 0.1)
 
 
 def test_grounding_embeddings(tok, randomize):
@@ -60,12 +65,14 @@ def test_grounding_embeddings(tok, randomize):
     table = policy.model.latent_pos_embed.pos_embed
     assert hook.scale == 0.1  # the toy preset's weight of the grounding term
     for k in range(len(hook.token_ids)):
-        torch.testing.assert_close(e[0, k] - plain[0, k], 0.1 * table[(k // w) * cfg.max_latent_size + k % w])
+        torch.testing.assert_close(e[0, k] - plain[0, k],
+                                   0.1 * table[(k // w) * cfg.max_latent_size + k % w])
     assert torch.equal(e[0, -1], plain[0, -1])
 
 
 def test_grounding_with_explicit_cells(tok):
-    """(word, cell) pairs: several tokens may share a cell; each gets that cell's latent position embedding."""
+    """(word, cell) pairs: several tokens may share a cell; each gets that cell's latent position
+    embedding."""
     pairs = [("red", 5), ("blue", 5), ("two", 15)]
     hook = toy_policy.Grounding.from_words(tok, pairs)
     assert hook.token_cells == (5, 5, 15)
@@ -82,8 +89,8 @@ def test_grounding_with_explicit_cells(tok):
 
 
 def test_grounding_spans(tok):
-    """A ground token's cell also grounds the tokens after it, up to the next span end; a new ground token
-    opens a new span; tokens before any ground token are plain."""
+    """A ground token's cell also grounds the tokens after it, up to the next span end; a new ground
+    token opens a new span; tokens before any ground token are plain."""
     hook = toy_policy.Grounding.from_words(tok, [("red", 5), ("blue", 15)], span_end_words=["plus"])
     policy = small(tok, hook)
     assert hook.span_end_ids == (*tok.encode("plus"), tok.im_start_id, tok.im_end_id)
@@ -111,8 +118,8 @@ def test_grounding_spans(tok):
 
 
 def test_grounding_hook_carry_through_the_policy(tok):
-    """Policy.forward_text hands the hook's carry on in the Context: feeding a text in two calls gives the
-    embeddings of one call (the open span continues)."""
+    """Policy.forward_text hands the hook's carry on in the Context: feeding a text in two calls
+    gives the embeddings of one call (the open span continues)."""
     hook = toy_policy.Grounding.from_words(tok, [("red", 5), ("blue", 15)], span_end_words=["plus"])
     policy = small(tok, hook)
     ids = torch.tensor([tok.encode("two red circle square plus blue")])
@@ -126,7 +133,8 @@ def test_grounding_hook_carry_through_the_policy(tok):
 
 
 def test_grounding_spec_roundtrip(tok, tmp_path):
-    hook = toy_policy.Grounding.from_words(tok, [("red", 5), ("blue", 15)], span_end_words=["plus"], scale=0.3)
+    hook = toy_policy.Grounding.from_words(tok, [("red", 5), ("blue", 15)], span_end_words=["plus"],
+                                           scale=0.3)
     hook.save_pretrained(tmp_path)
     assert toy_policy.Grounding.from_pretrained(tmp_path).spec() == hook.spec()
 
@@ -135,6 +143,8 @@ def test_toy_build_grounds_the_plan_cells_and_bagel_has_no_hook():
     policy = toy_policy.build_policy(seed=0)
     hook = policy.embed_hook
     cells = toy.cell_tokens()
-    assert hook.token_ids == tuple(policy.tokenizer.encode(" ".join(cells))) and hook.token_cells == tuple(range(16))
+    assert (hook.token_ids == tuple(policy.tokenizer.encode(" ".join(cells)))
+            and hook.token_cells == tuple(range(16)))
     assert hook.span_end_ids[0] == policy.tokenizer.encode(toy.SEP)[0]
-    assert M.Policy(M.BagelConfig.toy(13), None).embed_hook is None   # Bagel's path carries no toy state
+    # Bagel's path carries no toy state
+    assert Policy(M.BagelConfig.toy(13), None).embed_hook is None

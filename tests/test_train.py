@@ -13,15 +13,13 @@ import unigrpo
 
 torch.set_num_threads(1)
 
-SMOKE = ["--toy", "--sft_steps=30", "--sft_batch=16", "--rl_steps=4", "--prompts_per_step=2",
-         "--group_size=4", "--eval_per_category=2", "--eval_steps=4", "--num_steps=6",
-         "--window_start=0,2", "--window_size=2", "--ckpt_every=2"]
 
 
-def test_toy_smoke_run_writes_every_artifact(tmp_path):
-    summary = train.main(SMOKE + [f"--out_dir={tmp_path}", "--name=smoke"])
+def test_toy_smoke_run_writes_every_artifact(tmp_path, smoke):
+    summary = train.main(smoke + [f"--out_dir={tmp_path}", "--name=smoke"])
     run = tmp_path / "smoke"
-    for f in ("metrics.jsonl", "grid_before.png", "grid_after.png", "reward_curve.png", "summary.json", "ckpt.pt"):
+    for f in ("metrics.jsonl", "grid_before.png", "grid_after.png", "reward_curve.png",
+              "summary.json", "ckpt.pt"):
         assert (run / f).stat().st_size > 0, f
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
@@ -30,8 +28,8 @@ def test_toy_smoke_run_writes_every_artifact(tmp_path):
         assert key in rows[0], key
     on_disk = json.loads((run / "summary.json").read_text())
     for stage in ("before", "after"):
-        for key in ("ta", "accuracy", "plan_validity", "ta/counting", "accuracy/position", "plan_validity/colors",
-                    "plan_following", "background_noise"):
+        for key in ("ta", "accuracy", "plan_validity", "ta/counting", "accuracy/position",
+                    "plan_validity/colors", "plan_following", "background_noise"):
             assert key in on_disk[stage], (stage, key)
         assert 0.0 <= on_disk[stage]["plan_following"] <= 1.0
     assert set(on_disk["seconds"]) >= {"sft", "rl", "eval_before", "eval_after"}
@@ -42,8 +40,8 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, monkeypatch):
-    args = SMOKE + [f"--out_dir={tmp_path}"]
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, smoke, monkeypatch):
+    args = smoke + [f"--out_dir={tmp_path}"]
     train.main(args + ["--name=full"])
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
 
@@ -66,8 +64,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert drop(resumed) == drop(full)
 
 
-def test_resume_refuses_another_runs_checkpoint(tmp_path):
-    args = SMOKE + [f"--out_dir={tmp_path}", "--name=r", "--rl_steps=2"]
+def test_resume_refuses_another_runs_checkpoint(tmp_path, smoke):
+    args = smoke + [f"--out_dir={tmp_path}", "--name=r", "--rl_steps=2"]
     train.main(args)
     with pytest.raises(SystemExit, match="another config"):
         train.main(args + ["--resume", "--group_size=2"])
@@ -122,8 +120,9 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
 
 
 def test_sft_batch_noise_corrupts_plans_and_images_at_the_configured_rate():
-    """sft_noise = p: plans are wrong for their prompt, and images differ from their plan, each at about rate p
-    (one corrupt_layout edit; some edits are harmless to the prompt, so the plan rate is a little lower)."""
+    """sft_noise = p: plans are wrong for their prompt, and images differ from their plan, each at
+    about rate p (one corrupt_layout edit; some edits are harmless to the prompt, so the plan rate
+    is a little lower)."""
     clean, _ = config.parse_args(["--toy", "--sft_batch=400", "--sft_noise=0"])
     noisy, _ = config.parse_args(["--toy", "--sft_batch=400", "--sft_noise=0.3"])
     prompts, plans, images = toy_policy.sft_batch(clean, 0)
@@ -144,10 +143,11 @@ def test_sft_batch_noise_corrupts_plans_and_images_at_the_configured_rate():
 def test_sft_cache_is_reused_for_the_same_data_and_not_after_a_data_change(tmp_path, monkeypatch):
     cfg, _ = config.parse_args(["--toy", "--sft_steps=3", "--sft_batch=4"])
     policy = train.build_policy(cfg)
-    assert toy_policy.sft(policy, cfg, tmp_path, print) > 0                       # trained and saved
+    assert toy_policy.sft(policy, cfg, tmp_path, print) > 0                      # trained and saved
     assert len(list(tmp_path.glob("sft-*"))) == 1
-    assert toy_policy.sft(train.build_policy(cfg), cfg, tmp_path, print) == 0.0   # loaded
+    assert toy_policy.sft(train.build_policy(cfg), cfg, tmp_path, print) == 0.0  # loaded
     real = toy.plan_text
-    monkeypatch.setattr(toy, "plan_text", lambda layout: real(layout[::-1]))      # other plan order
-    assert toy_policy.sft(train.build_policy(cfg), cfg, tmp_path, print) > 0      # new data: trained again
+    monkeypatch.setattr(toy, "plan_text", lambda layout: real(layout[::-1]))     # other plan order
+    # new data: trained again
+    assert toy_policy.sft(train.build_policy(cfg), cfg, tmp_path, print) > 0
     assert len(list(tmp_path.glob("sft-*"))) == 2

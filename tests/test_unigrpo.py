@@ -16,19 +16,22 @@ torch.set_num_threads(1)
 
 def small_cfg(**kw):
     cfg = config.Config(**config.PRESETS["toy"])
-    base = dict(prompts_per_step=2, group_size=4, max_think_tokens=12, num_steps=6, window_start=(0, 2),
-                window_size=2, minibatches=2, ppo_epochs=1, sft_steps=0, eval_per_category=2, out_dir="unused")
+    base = dict(prompts_per_step=2, group_size=4, max_think_tokens=12, num_steps=6,
+                window_start=(0, 2), window_size=2, minibatches=2, ppo_epochs=1, sft_steps=0,
+                eval_per_category=2, out_dir="unused")
     return dataclasses.replace(cfg, **{**base, **kw}).validate()
 
 
 @pytest.fixture(scope="module")
 def policy(randomize):
-    """Random, non-trivial weights (Bagel's init zeroes llm2vae, which would make every velocity path agree)."""
+    """Random, non-trivial weights (Bagel's init zeroes llm2vae, which would make every velocity
+    path agree)."""
     return randomize(toy_policy.build_policy(small_cfg().seed), seed=3).eval()
 
 
 def test_on_policy_ratio_is_one_before_any_update(policy):
-    """Rollout (cached path) and update (packed train_forward) agree: text and image ratios are 1."""
+    """Rollout (cached path) and update (packed train_forward) agree: text and image
+    ratios are 1."""
     cfg = small_cfg()
     g = torch.Generator().manual_seed(0)
     prompts = toy.train_prompts(cfg.seed, 0, cfg.prompts_per_step)
@@ -48,13 +51,16 @@ def test_on_policy_ratio_is_one_before_any_update(policy):
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_unified_objective_is_on_policy_before_any_update(policy, cfg_scale):
-    """Through the update's own code path (RatioNorm, and the guided velocity when CFG is on): r = 1, no clipping."""
+    """Through the update's own code path (RatioNorm, and the guided velocity when CFG is on):
+    r = 1, no clipping."""
     cfg = small_cfg(cfg_scale=cfg_scale, clip_flow=1e-6)
     g = torch.Generator().manual_seed(4)
-    ro = unigrpo.rollout(policy, toy.train_prompts(cfg.seed, 4, cfg.prompts_per_step), toy.ToyReward(), cfg, g)
+    ro = unigrpo.rollout(policy, toy.train_prompts(cfg.seed, 4, cfg.prompts_per_step),
+                         toy.ToyReward(), cfg, g)
     uncond = unigrpo.uncond_thoughts(policy, ro.rewards.shape[0]) if cfg_scale != 1 else None
     with torch.no_grad():
-        _, stats = unigrpo.unified_objective(policy, None, ro, torch.arange(ro.rewards.shape[0]), cfg, uncond)
+        _, stats = unigrpo.unified_objective(policy, None, ro, torch.arange(ro.rewards.shape[0]),
+                                             cfg, uncond)
     assert abs(stats["ratio_min"] - 1) < 1e-6 and abs(stats["ratio_max"] - 1) < 1e-6, stats
     assert stats["clip_frac_flow"] == 0 and stats["clip_frac_text"] == 0
 
@@ -91,7 +97,8 @@ def reference_of(policy):
 
 
 def _changed(before, policy, names):
-    return {n for n, p in policy.named_parameters() if n in names and not torch.equal(before[n], p.detach())}
+    return {n for n, p in policy.named_parameters()
+            if n in names and not torch.equal(before[n], p.detach())}
 
 
 @pytest.mark.parametrize("parts", ["both", "text", "image"])
@@ -141,15 +148,17 @@ def test_config_rejects_bad_values():
 
 
 def test_sft_loss_is_plan_ce_plus_weighted_flow_mse(policy):
-    """SFT = CE of the plan tokens (teacher-forced on the cached text path) + w * MSE(v, eps - x_0) at the
-    logit-normal t drawn from the generator, re-derived here from forward_text and velocity()."""
+    """SFT = CE of the plan tokens (teacher-forced on the cached text path) + w * MSE(v, eps - x_0)
+    at the logit-normal t drawn from the generator, re-derived here from forward_text
+    and velocity()."""
     prompts = [toy.make_prompt(c, i) for i, c in enumerate(toy.CATEGORIES[:3])]
     layouts = [toy.random_layout(p, i) for i, p in enumerate(prompts)]
     plans, images = [toy.plan_text(l) for l in layouts], toy.render_batch(layouts)
     with torch.no_grad():
-        loss1, st1 = toy_policy.sft_loss(policy, prompts, plans, images, torch.Generator().manual_seed(0))
-        loss3, st3 = toy_policy.sft_loss(policy, prompts, plans, images, torch.Generator().manual_seed(0),
-                                      mse_weight=3.0)
+        loss1, st1 = toy_policy.sft_loss(policy, prompts, plans, images,
+                                         torch.Generator().manual_seed(0))
+        loss3, st3 = toy_policy.sft_loss(policy, prompts, plans, images,
+                                         torch.Generator().manual_seed(0), mse_weight=3.0)
     assert st1 == st3 and loss3.item() == pytest.approx(loss1.item() + 2 * st1["sft_mse"], rel=1e-5)
     pol, c = policy, policy.cfg
     nll, n = 0.0, 0

@@ -1,0 +1,379 @@
+"""The Policy: BAGEL's MoT (model.py) behind the interface the RL loop uses (DESIGN.md).
+
+    think(prompts, n, max_new_tokens, temperature)  reasoning chains, KV-cached -> Thoughts
+    context(thoughts)                                the conditioning cache, once per row -> Context
+    velocity(x_t, t, context)                        v_theta(x_t, t): the generation expert, cached text
+    train_forward(thoughts, x_t, t)                  one packed forward: reasoning log-probs, K velocities
+    encode(images), decode(x_0), param_groups()      the image codec; reasoning vs denoising parameters
+
+Rollouts use the cached path (think, context, velocity); the update recomputes with the packed path.
+Before any update the two agree (ratio = 1 up to float error; a test). Loading: checkpoint.py.
+
+Glossary
+    R rows (prompts x group), P prompt tokens, T reasoning tokens, K noisy blocks per row, N latent
+    tokens, D latent token dim, L sequence length, H hidden size.
+    chunk: a text piece fed as [im_start] + ids + [im_end]; block: [vision_start] + N latents +
+    [vision_end]. x_t: the latent at time t (t = 1 noise, t = 0 data), x_t = (1 - t)*x_0 + t*eps;
+    v = eps - x_0.
+
+Deviations / borrowed defaults
+    1. The reasoning chunk fed after thinking is [im_start] + sampled ids (+ im_end if truncated);
+       Bagel re-tokenizes the decoded text, which can differ from the sampled ids.
+    2. Thoughts.logp is the log-prob under the temperature-1 policy softmax(logits), whatever the
+       sampling temperature: the policy's own log-prob, which is what the GRPO ratio compares.
+    3. CFG is plain text CFG v_u + s*(v - v_u) (no cfg_interval, no renorm, no image CFG); off by
+       default.
+    4. embed_hook (Bagel: None): a toy's extra term on the text tokens' input embeddings, with a
+       per-row carry kept in the Context across KV-cached calls (toy_policy.Grounding).
+    5. The FLUX VAE is loaded lazily at the first encode/decode, from the checkpoint folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from model import (BagelConfig, BagelMoT, block_layout, check_tokenizer, guided_velocity,
+                   packed_layout, pad_rows, patchify, unpatchify, visible)
+
+
+@dataclass
+class Thoughts:
+    """Reasoning chains, rows group-contiguous. prompt_ids: everything fed before the reasoning."""
+    prompt_ids: torch.Tensor   # (R, P) long, right-padded: [system chunk] + [im_start, prompt, im_end]
+    prompt_mask: torch.Tensor  # (R, P) bool
+    ids: torch.Tensor          # (R, T) long, sampled tokens incl. the stop token im_end, right-padded
+    mask: torch.Tensor         # (R, T) bool
+    logp: torch.Tensor         # (R, T) float, temperature-1 log-prob (deviation 2), 0 where masked
+    texts: list                # (R,) decoded reasoning, without im_end
+
+    def select(self, idx) -> Thoughts:
+        idx = torch.as_tensor(idx, device=self.ids.device)
+        idx = idx.nonzero()[:, 0] if idx.dtype == torch.bool else idx.long()
+        rows = (x[idx] for x in (self.prompt_ids, self.prompt_mask, self.ids, self.mask, self.logp))
+        return Thoughts(*rows, [self.texts[i] for i in idx.tolist()])
+
+
+@dataclass
+class Context:
+    """A cached conditioning sequence: per-layer keys (after norm + RoPE), values (R, H_kv, L, d)."""
+    keys: list
+    values: list
+    key_mask: torch.Tensor     # (R, L) bool, valid (non-padding) keys
+    rope_next: torch.Tensor    # (R,) long
+    hook_carry: torch.Tensor | None = None  # (R,), the embed hook's carry (deviation 4)
+
+    def past(self) -> list:
+        return list(zip(self.keys, self.values))
+
+    def repeat_interleave(self, n: int) -> Context:
+        def rep(x):
+            return None if x is None else x.repeat_interleave(n, 0)
+        return Context([rep(k) for k in self.keys], [rep(v) for v in self.values],
+                       rep(self.key_mask), rep(self.rope_next), rep(self.hook_carry))
+
+
+@dataclass
+class TrainOutput:
+    logp: torch.Tensor         # (R, T) log-softmax of the reasoning tokens (temperature 1), 0 if masked
+    v: torch.Tensor            # (R, K, N, D) velocities of the K noisy blocks
+
+
+class _PixelCodec:
+    """Toy codec (model.py deviation 2a): the latent is the image itself."""
+
+    @staticmethod
+    def encode(x):
+        return x
+
+    @staticmethod
+    def decode(x):
+        return x
+
+
+class Policy(nn.Module):
+    """The MoT (`self.model`), the tokenizer and the image codec behind the RL loop's interface.
+    embed_hook(model, ids, valid, carry) -> (extra input embedding, carry): deviation 4."""
+
+    def __init__(self, cfg: BagelConfig, tokenizer, model: BagelMoT | None = None, embed_hook=None):
+        super().__init__()
+        self.cfg, self.tokenizer, self.embed_hook = cfg, tokenizer, embed_hook
+        self.model = model if model is not None else BagelMoT(cfg)
+        self.extra_state: dict = {}    # ViT / connector tensors of a real checkpoint, kept untouched
+        self.source_folder: Path | None = None
+        self._codec = None
+
+    @classmethod
+    def from_config(cls, cfg: BagelConfig, tokenizer, seed: int = 0, embed_hook=None) -> Policy:
+        """Random init (BagelMoT.init_weights), fp32, deterministic in `seed`."""
+        check_tokenizer(tokenizer, cfg)
+        return cls(cfg, tokenizer, BagelMoT(cfg).init_weights(seed), embed_hook)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def latent_shape(self, image_hw=None) -> tuple[int, int]:
+        """(N, D) of an image of image_hw pixels (default cfg.image_hw)."""
+        h, w = self.cfg.grid(image_hw or self.cfg.image_hw)
+        return h * w, self.cfg.patch_dim
+
+    def empty_context(self, R: int) -> Context:
+        shape, dev = (R, self.cfg.num_key_value_heads, 0, self.cfg.head_dim), self.device
+        n = self.cfg.num_hidden_layers
+        keys = [torch.zeros(shape, dtype=self.model.dtype, device=dev) for _ in range(n)]
+        values = [torch.zeros(shape, dtype=self.model.dtype, device=dev) for _ in range(n)]
+        return Context(keys, values, torch.zeros(R, 0, dtype=torch.bool, device=dev),
+                       torch.zeros(R, dtype=torch.long, device=dev))
+
+    # -------------------------------------------------------------------------------------- text
+    def embed_text(self, ids, valid, carry=None):
+        """Input embeddings of text ids (R, L) plus the embed hook's term: (embeddings, carry)."""
+        e = self.model.embed_text(ids)
+        if self.embed_hook is None:
+            return e, None
+        extra, carry = self.embed_hook(self.model, ids, valid, carry)
+        return e + extra, carry
+
+    def forward_text(self, ids: torch.Tensor, valid: torch.Tensor, past: Context | None = None):
+        """Causal und-expert pass over new text ids (R, L) (right-padded, `valid`) after `past`.
+        Returns (final hidden (R, L, H), the context extended by these tokens)."""
+        R, L = ids.shape
+        past = past if past is not None else self.empty_context(R)
+        pos = past.rope_next[:, None] + torch.arange(L, device=ids.device)
+        causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+        mask = torch.cat([past.key_mask[:, None, :].expand(R, L, -1), causal & valid[:, None, :]], -1)
+        emb, carry = self.embed_text(ids, valid, past.hook_carry)
+        h, present = self.model(emb, None, pos, visible(mask)[:, None], past.past())
+        keys = [torch.cat([pk, k], 2) for pk, (k, _) in zip(past.keys, present)]
+        values = [torch.cat([pv, v], 2) for pv, (_, v) in zip(past.values, present)]
+        key_mask = torch.cat([past.key_mask, valid], 1)
+        return h, Context(keys, values, key_mask, past.rope_next + valid.sum(1), carry)
+
+    @torch.no_grad()
+    def think(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
+              generator: torch.Generator | None = None) -> Thoughts:
+        """Sample n reasoning chains per prompt with a KV cache: prefill [system?, prompt chunk] once
+        per prompt, feed im_start, sample until im_end (kept, with its log-prob) or max_new_tokens.
+        temperature 0 is greedy."""
+        if n < 1 or max_new_tokens < 0 or temperature < 0:
+            raise ValueError(f"need n >= 1, max_new_tokens >= 0, temperature >= 0; "
+                             f"got {n}, {max_new_tokens}, {temperature}")
+        thinking = max_new_tokens > 0
+        prefixes = [self._prompt_prefix(p, i, max_new_tokens, thinking) for i, p in enumerate(prompts)]
+        P_ids, P_mask = pad_rows(prefixes, self.cfg.pad_id, self.device)
+        R, c, dev = len(prompts) * n, self.cfg, self.device
+        prompt_ids, prompt_mask = P_ids.repeat_interleave(n, 0), P_mask.repeat_interleave(n, 0)
+        if not thinking:
+            empty = torch.zeros(R, 0, dtype=torch.long, device=dev)
+            return Thoughts(prompt_ids, prompt_mask, empty, empty.bool(), empty.float(), [""] * R)
+        ctx = self.forward_text(P_ids, P_mask)[1].repeat_interleave(n)
+        tok = torch.full((R,), c.im_start_id, dtype=torch.long, device=dev)
+        alive = torch.ones(R, dtype=torch.bool, device=dev)
+        ids, mask, logp = [], [], []
+        for _ in range(max_new_tokens):
+            h, ctx = self.forward_text(tok[:, None], alive[:, None], ctx)
+            logits = self.model.logits(h[:, -1]).float()
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("think: non-finite logits (the weights hold NaN or inf)")
+            if temperature == 0:
+                tok = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / temperature, -1)
+                gdev = generator.device if generator is not None else probs.device  # CPU gen, GPU run
+                tok = torch.multinomial(probs.to(gdev), 1, generator=generator).squeeze(1)
+                tok = tok.to(probs.device)
+            lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
+            ids.append(torch.where(alive, tok, c.pad_id))
+            mask.append(alive)
+            logp.append(torch.where(alive, lp, 0.0))
+            alive = alive & (tok != c.im_end_id)
+            if not alive.any():
+                break
+        ids, mask, logp = torch.stack(ids, 1), torch.stack(mask, 1), torch.stack(logp, 1)
+        texts = [self.tokenizer.decode([x for x, m in zip(r, rm) if m and x != c.im_end_id])
+                 for r, rm in zip(ids.tolist(), mask.tolist())]
+        return Thoughts(prompt_ids, prompt_mask, ids, mask, logp, texts)
+
+    def thoughts_from_text(self, prompts: list[str], reasonings: list[str]) -> Thoughts:
+        """Teacher-forced Thoughts (SFT): reasoning ids = encode(text) + [im_end], logp 0."""
+        if len(prompts) != len(reasonings):
+            raise ValueError(f"prompts ({len(prompts)}) and reasonings ({len(reasonings)}) differ in "
+                             f"length")
+        prefixes = [self._prompt_prefix(p, i, 0, True) for i, p in enumerate(prompts)]
+        P_ids, P_mask = pad_rows(prefixes, self.cfg.pad_id, self.device)
+        rows = [self._encode_text(r) + [self.cfg.im_end_id] for r in reasonings]
+        ids, mask = pad_rows(rows, self.cfg.pad_id, self.device)
+        logp = torch.zeros(ids.shape, device=self.device)
+        return Thoughts(P_ids, P_mask, ids, mask, logp, list(reasonings))
+
+    def context(self, thoughts: Thoughts) -> Context:
+        """Prefill [prompt_ids, reasoning chunk] once per row (causal, und expert); every denoising
+        step reuses it."""
+        ids, valid, _ = text_rows(self.cfg, thoughts, self.device)
+        return self.forward_text(ids, valid)[1]
+
+    def uncond_context(self, R: int) -> Context:
+        """Bagel's text-unconditional CFG context in think mode: the system chunk only (or empty)."""
+        s = self.cfg.think_system_prompt
+        if not s:
+            return self.empty_context(R)
+        chunk = [self.cfg.im_start_id] + self._encode_text(s) + [self.cfg.im_end_id]
+        ids, valid = pad_rows([chunk] * R, self.cfg.pad_id, self.device)
+        return self.forward_text(ids, valid)[1]
+
+    # ------------------------------------------------------------------------------------ images
+    def velocity(self, x_t, t, context: Context, cfg_scale: float = 1.0,
+                 uncond: Context | None = None, image_hw=None) -> torch.Tensor:
+        """v_theta(x_t, t) (R, N, D): the gen expert over [vision_start, N latents, vision_end] at
+        rope_next, full attention over the cached context and the block, no cache write.
+        cfg_scale != 1: v_u + s*(v - v_u) with the unconditional context `uncond`."""
+        h, w = _check_latents(self.cfg, x_t, image_hw, 3)
+        R, N = x_t.shape[:2]
+        if context.key_mask.shape[0] != R:
+            raise ValueError(f"context has {context.key_mask.shape[0]} rows, x_t {R}")
+        t = _as_times(t, (R,), self.device)
+        block = _blocks(self.model, x_t[:, None], t[:, None], h, w)
+
+        def v_of(ctx):
+            is_gen, pos = block_layout(ctx.rope_next, 1, N)
+            ones = torch.ones(R, N + 2, dtype=torch.bool, device=self.device)
+            mask = torch.cat([ctx.key_mask, ones], 1)[:, None, None, :]
+            hid, _ = self.model(block, is_gen, pos, mask, ctx.past())
+            return self.model.head(hid[:, 1:-1], x_t, t)
+
+        v = v_of(context)
+        if cfg_scale != 1.0:
+            if uncond is None:
+                raise ValueError("cfg_scale != 1 needs the unconditional context `uncond`")
+            v = guided_velocity(v, v_of(uncond), cfg_scale)
+        return v
+
+    def packed_forward(self, thoughts: Thoughts, x_t, t, image_hw=None):
+        """One forward over [prompt, reasoning, K noisy blocks] per row (model.packed_layout).
+        Returns (reasoning logits (R, T, V), row j predicting thoughts.ids[:, j]; v (R, K, N, D))."""
+        h, w = _check_latents(self.cfg, x_t, image_hw, 4)
+        R, K, N = x_t.shape[:3]
+        if thoughts.ids.shape[0] != R:
+            raise ValueError(f"thoughts has {thoughts.ids.shape[0]} rows, x_t {R}")
+        t = _as_times(t, (R, K), self.device)
+        ids, valid, starts = text_rows(self.cfg, thoughts, self.device)
+        Lt, T = ids.shape[1], thoughts.ids.shape[1]
+        is_gen, pos, mask = packed_layout(valid, K, N)
+        emb = torch.cat([self.embed_text(ids, valid)[0], _blocks(self.model, x_t, t, h, w)], 1)
+        hid, _ = self.model(emb, is_gen, pos, mask)
+        cols = (starts[:, None] + torch.arange(T, device=self.device)).clamp(max=max(Lt - 1, 0))
+        logits = self.model.logits(hid.gather(1, cols[..., None].expand(-1, -1, hid.shape[-1])))
+        lat = hid[:, Lt:].unflatten(1, (K, N + 2))[:, :, 1:-1]       # (R, K, N, H); K = 0: text only
+        return logits, self.model.head(lat, x_t, t)
+
+    def train_forward(self, thoughts: Thoughts, x_t, t, image_hw=None) -> TrainOutput:
+        """Token log-probs of the reasoning (temperature 1) and velocities at K noisy blocks in one
+        forward, with gradients into both experts (flow gradients reach the text expert through
+        attention)."""
+        logits, v = self.packed_forward(thoughts, x_t, t, image_hw)
+        logp = torch.log_softmax(logits.float(), -1).gather(2, thoughts.ids[..., None]).squeeze(2)
+        return TrainOutput(logp * thoughts.mask, v)
+
+    forward = train_forward  # so wrappers (DDP, FSDP2 root hooks) see the training pass in __call__
+
+    @property
+    def codec(self):
+        if self._codec is None:
+            if self.cfg.codec == "pixels":
+                self._codec = _PixelCodec()
+            else:
+                folder = self.source_folder
+                if folder is None or not (folder / "ae.safetensors").is_file():
+                    raise FileNotFoundError(f"no ae.safetensors in the checkpoint folder {folder}")
+                from flux_vae import load_flux_vae  # lazy: only the Bagel path needs diffusers
+                vae = load_flux_vae(folder / "ae.safetensors", self.cfg.vae_config,
+                                    dtype=self.model.dtype, device=self.device)
+                object.__setattr__(self, "_codec", vae)  # not a submodule: not in state_dict
+        return self._codec
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (R, 3, H, W) in [-1, 1] -> x_0 tokens (R, N, D): the codec (FLUX:
+        0.3611*(mu - 0.1159)), then patchify."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (R, 3, H, W), got {tuple(images.shape)}")
+        self.cfg.grid(images.shape[-2:], "images (H, W)")
+        z = self.codec.encode(images.to(self.model.dtype))
+        return patchify(z, self.cfg.latent_patch_size)
+
+    def decode(self, x_0: torch.Tensor, image_hw=None) -> torch.Tensor:
+        """x_0 tokens (R, N, D) -> images (R, 3, H, W) in [-1, 1]."""
+        h, w = _check_latents(self.cfg, x_0, image_hw, 3)
+        z = unpatchify(x_0.to(self.model.dtype), h, w, self.cfg.latent_patch_size)
+        return self.codec.decode(z).float().clamp(-1, 1)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """'reasoning' and 'denoising' parameters (BagelMoT.expert_of); the frozen position table is
+        in neither."""
+        groups = {"reasoning": [], "denoising": []}
+        for name, p in self.model.named_parameters():
+            if self.model.expert_of(name) is not None:
+                groups[self.model.expert_of(name)].append(p)
+        return groups
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _encode_text(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this Policy has no tokenizer: pass tokenizer= when loading it")
+        return list(self.tokenizer.encode(text))
+
+    def _prompt_prefix(self, prompt: str, i: int, max_new_tokens: int, thinking: bool) -> list[int]:
+        c = self.cfg
+        ids = [c.im_start_id] + self._encode_text(prompt) + [c.im_end_id]
+        if thinking and c.think_system_prompt:
+            ids = [c.im_start_id] + self._encode_text(c.think_system_prompt) + [c.im_end_id] + ids
+        if len(ids) + max_new_tokens + 2 > c.max_position_embeddings:
+            raise ValueError(f"prompts[{i}] is too long: {len(ids)} prompt tokens + max_new_tokens="
+                             f"{max_new_tokens} + 2 exceed max_position_embeddings="
+                             f"{c.max_position_embeddings}")
+        return ids
+
+
+def text_rows(cfg: BagelConfig, th: Thoughts, device):
+    """Per row [prompt_ids, im_start, reasoning (+ im_end if truncated)], right-padded, and the
+    column of im_start."""
+    rows, starts, end = [], [], cfg.im_end_id
+    for p, pm, r, rm in zip(th.prompt_ids.tolist(), th.prompt_mask.tolist(), th.ids.tolist(),
+                            th.mask.tolist()):
+        p, r = [x for x, m in zip(p, pm) if m], [x for x, m in zip(r, rm) if m]
+        tail = [] if not r or r[-1] == end else [end]
+        rows.append(p + ([cfg.im_start_id] + r + tail if r else []))
+        starts.append(len(p))
+    ids, valid = pad_rows(rows, cfg.pad_id, device)
+    return ids, valid, torch.tensor(starts, device=device)
+
+
+def _blocks(model: BagelMoT, x_t, t, h, w):
+    """[vision_start, latents, vision_end] embeddings of x_t (R, K, N, D) at t (R, K):
+    (R, K*(N+2), H)."""
+    R, K = x_t.shape[:2]
+    marks = [torch.full((R, K, 1), i, dtype=torch.long, device=x_t.device)
+             for i in (model.cfg.vision_start_id, model.cfg.vision_end_id)]
+    lat = model.embed_latents(x_t, t, h, w)
+    seq = torch.cat([model.embed_text(marks[0]), lat, model.embed_text(marks[1])], 2)
+    return rearrange(seq, "r k n h -> r (k n) h")
+
+
+def _check_latents(cfg: BagelConfig, x_t, image_hw, ndim):
+    hw = image_hw or cfg.image_hw
+    h, w = cfg.grid(hw)
+    if x_t.ndim != ndim or tuple(x_t.shape[-2:]) != (h * w, cfg.patch_dim):
+        raise ValueError(f"x_t has shape {tuple(x_t.shape)}, expected {ndim - 2} batch dims then "
+                         f"(N, D) = ({h * w}, {cfg.patch_dim}) for image_hw={hw}")
+    return h, w
+
+
+def _as_times(t, shape, device):
+    """A float or tensor time broadcast to `shape` (its trailing dims must match), float32."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=device)
+    if t.ndim > len(shape) or tuple(t.shape) != tuple(shape)[len(shape) - t.ndim:]:
+        raise ValueError(f"t has shape {tuple(t.shape)}, expected a float or {tuple(shape)}")
+    return t.expand(shape)
