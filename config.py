@@ -215,7 +215,7 @@ def check_device(device: str):
 
 # ------------------------------------------------------------------------------------------ presets
 PRESETS = {
-    # Laptop CPU, fp32, minutes; sizes follow the toy's feasibility notes, results in RESULTS.md.
+    # Laptop CPU, fp32, minutes; what each setting measured is in RESULTS.md.
     # reg_weight 0.01 (paper 1.5e-5): at toy scale the paper's weight leaves the velocity MSE far weaker
     # than the policy gradient, and the background, which the reward cannot see, drifts into speckle.
     # sft_noise 0.3: SFT triples are imperfect like real paired data, so SFT leaves mistakes for RL.

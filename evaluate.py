@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -33,10 +34,38 @@ def evaluate(policy, cfg, n_per_category: int):
     plans = toy.summarize(toy.score_plans(texts, prompts), prompts)
     result.update({k.replace("accuracy", "plan_validity"): v for k, v in plans.items()
                    if k.startswith("accuracy")})
-    drawn, planned = toy.plan_following(texts, images)
+    drawn, planned = plan_following(texts, images)
     result["plan_following"] = drawn / max(planned, 1)
-    result["background_noise"] = toy.background_noise(images)
+    result["background_noise"] = background_noise(images)
     return result, prompts, texts, images
+
+
+def plan_following(texts: Sequence[str], images: torch.Tensor) -> tuple[int, int]:
+    """(drawn, planned): of the objects that parsable plans ask for, how many the image draws in
+    the planned cell (centroid inside it) with the planned colour and shape. Says whether the image
+    expert follows the reasoning or only the prompt."""
+    detections = toy.detect_batch(images)
+    if len(detections) != len(texts):
+        raise ValueError(f"texts: {len(texts)} plans but {len(detections)} images")
+    drawn = planned = 0
+    for text, found in zip(texts, detections):
+        layout = toy.parse_plan(text) or []
+        at = {(int(d.y // toy.CELL) * toy.GRID + int(d.x // toy.CELL), d.colour, d.shape)
+              for d in found}
+        planned += len(layout)
+        drawn += sum((o.cell, o.colour, o.shape) in at for o in layout)
+    return drawn, planned
+
+
+def background_noise(images: torch.Tensor) -> float:
+    """Mean brightest channel over the pixels the verifier reads as black (every channel < 0.5):
+    0 for clean renders. The reward cannot see this noise, so it measures what a regulariser has to
+    hold back."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected (R, 3, H, W), got {tuple(images.shape)}")
+    peak = images.amax(1)
+    dark = (images < 0.5).all(1)
+    return (peak * dark).sum().item() / max(int(dark.sum()), 1)
 
 
 def evaluate_stage(policy, cfg, run_dir: Path, stage: str, summary: dict, log):

@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 from torch import nn
 
-# `load_ae` in Bagel (SPEC, VAE section).
+# `load_ae` in Bagel (the 7B checkpoint's AE).
 FLUX_AE_7B_PARAMS = {
     "resolution": 256, "in_channels": 3, "downsample": 8, "ch": 128, "out_ch": 3,
     "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "z_channels": 16, "scale_factor": 0.3611,

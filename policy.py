@@ -1,4 +1,4 @@
-"""The Policy: BAGEL's MoT (model.py) behind the interface the RL loop uses (DESIGN.md).
+"""The Policy: BAGEL's MoT (model.py) behind the interface the RL loop uses.
 
     think(prompts, n, max_new_tokens, temperature)  reasoning chains, KV-cached -> Thoughts
     context(thoughts)                                the conditioning cache, once per row -> Context

@@ -1,5 +1,5 @@
-"""The toy world (a laptop GenEval): prompts, plans, renderer, its exact verifier, and the toy
-model's tokenizer and grounding hook.
+"""The toy world (a laptop GenEval): prompts, layouts, plans, the renderer and its exact verifier,
+whose exam points give the toy's reward (ToyReward) and the paper's two metrics.
 
 A scene is a 32x32 RGB image on black: a 4x4 grid of 8 px cells, each holding at most one 7 px
 object drawn at the cell's top-left corner (so neighbouring objects never touch): a circle, square
@@ -10,9 +10,8 @@ reasoning: counts as sums ("one plus two red circles"), colours by reference
 ("a blue square with a red circle on_its_left"). The reasoning writes a canonical plan, one chunk
 `c<k> <colour> <shape>` per object joined by ` ; `, in the prompt's order: the groups as the prompt
 names them, a group's objects by cell k (the cell comes first: the toy model grounds the chunk's
-later tokens in that cell, `Grounding`). In prompt order the plan restates each object where the
-prompt names it, so binding a colour to its shape is a copy; plans sorted by cell made it a look-up
-that 1200 SFT steps learned for some seeds and not others. The verifier is exact: channel
+later tokens in that cell, toy_policy.Grounding). In prompt order the plan restates each object
+where the prompt names it, so binding a colour to its shape is a copy. The verifier is exact: channel
 thresholds -> colour codes, 4-connected components, shape by bounding-box fill ratio, relations by
 centroids. Plans are scored by the same exam points with objects at their cell centres.
 
@@ -574,33 +573,6 @@ def score_plans(texts: Sequence[str], prompts: Sequence[Prompt]) -> Scores:
     layouts = [parse_plan(t) for t in texts]
     return _scores([None if lay is None else exam_points(lay, p)
                     for lay, p in zip(layouts, prompts)])
-
-
-def plan_following(texts: Sequence[str], images: torch.Tensor) -> tuple[int, int]:
-    """(drawn, planned): of the objects that parsable plans ask for, how many the image draws in
-    the planned cell (centroid inside it) with the planned colour and shape. Says whether the image
-    expert follows the reasoning or only the prompt."""
-    detections = detect_batch(images)
-    if len(detections) != len(texts):
-        raise ValueError(f"texts: {len(texts)} plans but {len(detections)} images")
-    drawn = planned = 0
-    for text, found in zip(texts, detections):
-        layout = parse_plan(text) or []
-        at = {(int(d.y // CELL) * GRID + int(d.x // CELL), d.colour, d.shape) for d in found}
-        planned += len(layout)
-        drawn += sum((o.cell, o.colour, o.shape) in at for o in layout)
-    return drawn, planned
-
-
-def background_noise(images: torch.Tensor) -> float:
-    """Mean brightest channel over the pixels the verifier reads as black (every channel < 0.5):
-    0 for clean renders. The reward cannot see this noise, so it measures what a regulariser has to
-    hold back."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images: expected (R, 3, H, W), got {tuple(images.shape)}")
-    peak = images.amax(1)
-    dark = (images < 0.5).all(1)
-    return (peak * dark).sum().item() / max(int(dark.sum()), 1)
 
 
 def summarize(scores: Scores, prompts: Sequence[Prompt]) -> dict[str, float]:

@@ -3,7 +3,7 @@
     python train.py --toy                      # SFT warm-up + UniGRPO on the toy world, laptop CPU
     python train.py --toy --train_parts=image  # any Config field: --key=value (python train.py --help)
     python train.py --toy --resume             # continue a killed run exactly (--overwrite: start over)
-    python train.py --bagel --model=/path/to/BAGEL-7B-MoT   (real reward models: the next step, see README)
+    python train.py --bagel --model=/path/to/BAGEL-7B-MoT   # checks the checkpoint; reward models next
 
 main() reads as a handful of named calls at every scale: the algorithm is in unigrpo.py, the equations in
 losses.py and sampler.py, the model in model.py, the config in config.py, checkpoints in checkpoint.py, the
@@ -45,7 +45,8 @@ def build_policy(cfg, start=None):
 def build_reward(cfg):
     if cfg.model == "toy":
         return toy.ToyReward()
-    raise NotImplementedError("real reward models for --bagel are not wired yet (see README, 'BAGEL-7B-MoT')")
+    raise NotImplementedError("real reward models for --bagel are not wired yet (README, "
+                              "'BAGEL-7B-MoT')")
 
 
 def log_jsonl(path: Path, record: dict):

@@ -7,7 +7,7 @@ Group-relative advantages (Eq. (1)) are shared by all text and image actions of 
 objective J = J_text + lam * J_flow (Eq. (7)) updates both experts of the same model through one
 packed forward.
 
-This module talks to the model only through the Policy interface (policy.py, DESIGN.md): think,
+This module talks to the model only through the Policy interface (policy.py): think,
 context, velocity, train_forward, decode, encode, param_groups; it gets the frozen reference through
 one function (reference_policy) and holds no state of its own. The equations live in losses.py and
 sampler.py; nothing here re-derives them.

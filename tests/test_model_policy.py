@@ -276,7 +276,7 @@ def test_cfg_and_uncond(toy):
 
 
 def test_x0_prediction_is_velocity_of_x0_hat(toy):
-    """Deviation 5b: the same weights in 'velocity' mode give x0_hat; 'x0' mode returns
+    """model.py deviation 2b: the same weights in 'velocity' mode give x0_hat; 'x0' mode returns
     (x_t - x0_hat)/max(t, t_min)."""
     th = toy.think(["red circle"], n=2, max_new_tokens=2,
                    generator=torch.Generator().manual_seed(0))

@@ -10,6 +10,7 @@ from collections import Counter, deque
 import pytest
 import torch
 
+import evaluate
 import toy
 
 # --- an independent reading of the prompt language ------------------------------------------------
@@ -451,22 +452,22 @@ def test_plan_following_counts_planned_objects_drawn_in_their_cell(world):
     ps, layouts, _ = world
     texts = [toy.plan_text(l) for l in layouts]
     n = sum(len(l) for l in layouts)
-    assert toy.plan_following(texts, toy.render_batch(layouts)) == (n, n)
+    assert evaluate.plan_following(texts, toy.render_batch(layouts)) == (n, n)
     # the planned object drawn one cell to the right (wrapping within its row):
     # not where the plan put it
     firsts = [l[0] for l in layouts]
     shifted = [[toy.Obj(o.colour, o.shape, o.cell - o.cell % 4 + (o.cell + 1) % 4)] for o in firsts]
-    assert (toy.plan_following([toy.plan_text([o]) for o in firsts], toy.render_batch(shifted))
+    assert (evaluate.plan_following([toy.plan_text([o]) for o in firsts], toy.render_batch(shifted))
             == (0, len(firsts)))
     # right cell, wrong colour or shape: not followed; an unparsable plan plans nothing
     one = [toy.Obj("red", "circle", 5)]
-    assert toy.plan_following(["c5 red circle"],
+    assert evaluate.plan_following(["c5 red circle"],
                               toy.render_batch([[toy.Obj("blue", "circle", 5)]])) == (0, 1)
-    assert toy.plan_following(["c5 red circle"],
+    assert evaluate.plan_following(["c5 red circle"],
                               toy.render_batch([[toy.Obj("red", "square", 5)]])) == (0, 1)
-    assert toy.plan_following(["c5 red"], toy.render_batch([one])) == (0, 0)
+    assert evaluate.plan_following(["c5 red"], toy.render_batch([one])) == (0, 0)
     with pytest.raises(ValueError, match="texts"):
-        toy.plan_following(["c5 red circle"], toy.render_batch([one, one]))
+        evaluate.plan_following(["c5 red circle"], toy.render_batch([one, one]))
 
 
 def test_corrupt_layout_makes_exactly_one_error_of_each_kind():
@@ -516,13 +517,13 @@ def test_corrupted_layouts_lose_points_and_never_score_above_the_truth():
 
 def test_background_noise_is_zero_on_renders_and_reads_only_dark_pixels(world):
     _, _, images = world
-    assert toy.background_noise(images) == 0.0
+    assert evaluate.background_noise(images) == 0.0
     noisy = images.clone()
     dark = (images < 0.5).all(1, keepdim=True).expand_as(images)
     noisy[:, 2][dark[:, 2]] = 0.3           # a blue haze on the background, below the 0.5 threshold
-    assert toy.background_noise(noisy) == pytest.approx(0.3)
+    assert evaluate.background_noise(noisy) == pytest.approx(0.3)
     objects = images.clone()
     objects[~dark] = 0.9                           # brighter objects do not count
-    assert toy.background_noise(objects) == 0.0
+    assert evaluate.background_noise(objects) == 0.0
     with pytest.raises(ValueError, match="images"):
-        toy.background_noise(torch.zeros(3, 32, 32))
+        evaluate.background_noise(torch.zeros(3, 32, 32))

@@ -1,6 +1,5 @@
-"""The toy's base policy (toy_policy.py): its word tokenizer, the grounding hook (model.py
-deviation 5c: closed forms of the embedding term, spans, the carry of KV-cached decoding), the toy
-build, and the SFT stage's cache."""
+"""The toy's base policy (toy_policy.py): its word tokenizer, the grounding hook (policy.py deviation
+4: closed forms of the embedding term, spans, the carry of KV-cached decoding) and the toy build."""
 import pytest
 import torch
 
@@ -55,7 +54,7 @@ def test_grounding_from_words(tok):
 
 
 def test_grounding_embeddings(tok, randomize):
-    """Deviation 5c: ground token k gets latent_pos_embed[row*max_latent_size + col] of cell k."""
+    """Policy deviation 4: ground token k gets latent_pos_embed[row*max_latent_size + col] of cell k."""
     hook = toy_policy.Grounding(tok.encode("red green blue circle"))
     policy = small(tok, hook, randomize)
     cfg = policy.cfg
