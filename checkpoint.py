@@ -8,17 +8,19 @@ Loading builds the model on the meta device and reads the weights memory-mapped 
 Training checkpoints hold plain tensors and numbers only (policy and optimizer state, the generator
 state, the step, the config as a dict) and load with weights_only=True: a crafted file cannot run code.
 Every file is written to a unique temp file in its folder, then renamed (a kill never leaves a torn
-file, and two writers never share a temp file); nothing non-finite is ever written. A run folder is
-locked by its process, and a fresh run never silently replaces another run's checkpoint or metrics.
+file, and two writers never share a temp file); a training checkpoint with non-finite values is never
+written. A run folder is locked by its process, and a fresh run never silently replaces another run.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,9 +39,17 @@ LLM_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 TOKEN_ROLES = {"bos_token_id": "im_start_id", "eos_token_id": "im_end_id",  # Bagel's new_token_ids names
                "start_of_image": "vision_start_id", "end_of_image": "vision_end_id"}
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json")          # what makes a folder hold a run
+ARTIFACTS = (*RUN_FILES, "grid_before.png", "grid_after.png", "reward_curve.png")
+TRAINING_KEYS = {"step": int, "policy": dict, "opt": dict, "gen": torch.Tensor, "config": dict}
+_UMASK = os.umask(0)
+os.umask(_UMASK)                                                   # read once: mkstemp files are 0600
 
 
 # ------------------------------------------------------------------------------------------------ files
+class CorruptFile(RuntimeError):
+    """A checkpoint or cache file that cannot be loaded safely; the message names the file."""
+
+
 def read_json(path: Path):
     """A JSON file; errors name the file (and the line of bad JSON)."""
     path = Path(path)
@@ -58,6 +68,7 @@ def atomic_write(path: Path, write):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)                             # the mode of a plain open()
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -100,7 +111,10 @@ def config_from_folder(folder, **overrides) -> BagelConfig:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(BagelConfig)}
     if unknown:
         raise ValueError(f"unknown BagelConfig override(s): {sorted(unknown)}")
-    return BagelConfig(**{**kw, **overrides})
+    try:
+        return BagelConfig(**{**kw, **overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{folder / 'llm_config.json'} (or bagel_config.json): {e}") from None
 
 
 def config_to_json(cfg: BagelConfig) -> tuple[dict, dict]:
@@ -132,12 +146,14 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def check_pretrained_folder(folder):
-    """Before any work: the folder exists and holds a readable config and its weight files."""
+    """Before any work: the folder exists and holds a readable config and readable weight files."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
     config_from_folder(folder)
-    weight_files(folder)
+    for f in weight_files(folder):
+        with _safetensors(f) as s:                                 # reads the header only
+            s.keys()
 
 
 def _safetensors(path: Path, device="cpu"):
@@ -227,10 +243,21 @@ def save_pretrained(policy: Policy, folder):
 
 
 # ------------------------------------------------------------------------------ training checkpoints
-def save_training(path: Path, step: int, policy, optimizer, generator, cfg):
-    """Policy and optimizer state, generator state, step and config: plain tensors and numbers, finite."""
+def fingerprint(state: dict) -> str:
+    """A hash of a state dict's names, dtypes, shapes and bytes: says whether two models are the same."""
+    h = hashlib.sha1()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_training(path: Path, step: int, policy, optimizer, generator, cfg, ref: str | None = None):
+    """Policy and optimizer state, generator state, step, config and the fingerprint of the frozen
+    reference: plain tensors, numbers and strings, all finite."""
     state = {"step": step, "policy": policy.state_dict(), "opt": optimizer.state_dict(),
-             "gen": generator.get_state(), "config": dataclasses.asdict(cfg)}
+             "gen": generator.get_state(), "config": dataclasses.asdict(cfg), "ref": ref}
     try:
         check_finite(f"after {step} RL steps", policy=state["policy"], optimizer=state["opt"]["state"])
     except FloatingPointError as e:
@@ -239,12 +266,21 @@ def save_training(path: Path, step: int, policy, optimizer, generator, cfg):
 
 
 def load_training(path: Path) -> dict:
-    """A training checkpoint, loaded without executing pickled code (weights_only=True)."""
+    """A training checkpoint, loaded without executing pickled code (weights_only=True), its layout
+    checked."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated, foreign or crafted file
-        raise RuntimeError(f"checkpoint {path} is corrupt, unreadable or not a plain-tensor checkpoint "
-                           f"({type(e).__name__}: {str(e)[:200]}); delete it to start over") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or crafted file: its pickle is never run
+        why = "it holds more than plain tensors and numbers (possibly crafted)" \
+            if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {str(e)[:120]}"
+        raise CorruptFile(f"checkpoint {path} is corrupt or not a training checkpoint ({why}); "
+                          f"delete it, or start over with --overwrite") from None
+    bad = [k for k, kind in TRAINING_KEYS.items()
+           if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if bad:
+        raise CorruptFile(f"checkpoint {path} is corrupt or not a training checkpoint: missing or "
+                          f"malformed {', '.join(bad)}; delete it, or start over with --overwrite")
+    return state
 
 
 def check_same_run(saved: dict, cfg, path: Path):
@@ -282,6 +318,8 @@ def truncate_jsonl(path: Path, step: int):
 def run_folder(run_dir: Path, resume: bool, overwrite: bool):
     """Hold `run_dir` for this process (a second process gets a clear error); a folder that holds another run
     is continued only with `resume`, replaced only with `overwrite`, and otherwise left alone."""
+    if resume and overwrite:
+        raise SystemExit("error: --resume continues a run, --overwrite starts it over: choose one")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = open(run_dir / ".lock", "a+")
@@ -300,9 +338,9 @@ def run_folder(run_dir: Path, resume: bool, overwrite: bool):
         if held and not (resume or overwrite):
             raise SystemExit(f"error: {run_dir} holds a run ({', '.join(held)}): --resume continues it, "
                              f"--overwrite replaces it, or pick another --name")
-        if overwrite and not resume:
-            for f in held:
-                (run_dir / f).unlink()
+        if overwrite:
+            for f in ARTIFACTS:
+                (run_dir / f).unlink(missing_ok=True)
         yield run_dir
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)

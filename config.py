@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import losses
 import sampler
 
 GROUPS = {"run": "the run", "rollout": "rollout (Prompt -> Thinking -> Image)",
@@ -110,7 +111,7 @@ class Config:
                    "regulariser": ("velocity_mse", "latent_kl", "none"),
                    "sde_kind": sampler.KINDS, "logprob_reduce": sampler.REDUCTIONS,
                    "adv_std": ("population", "sample", "none"), "adv_scope": ("group", "batch"),
-                   "text_reduction": ("grpo", "bnpo", "dapo", "dr_grpo"),
+                   "text_reduction": losses.TOKEN_REDUCTIONS,
                    "dtype": ("float32", "bfloat16", "float16", "float64")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -125,9 +126,9 @@ class Config:
             raise ValueError(f"group_size={self.group_size}: group-relative advantages need at least "
                              f"2 samples")
         for key in ("lr_reasoning", "lr_denoising", "weight_decay", "sft_lr", "reg_weight", "text_kl",
-                    "lam", "temperature", "eval_temperature", "noise_level", "cfg_scale"):
+                    "lam", "temperature", "eval_temperature", "cfg_scale"):
             _finite(key, getattr(self, key), lower=0.0)
-        for key in ("grad_clip", "clip_text", "clip_flow", "shift", "sft_mse_weight"):
+        for key in ("grad_clip", "clip_text", "clip_flow", "shift", "sft_mse_weight", "noise_level"):
             _finite(key, getattr(self, key), lower=0.0, strict=True)
         if self.adv_clip_max is not None:
             _finite("adv_clip_max", self.adv_clip_max, lower=0.0, strict=True)
@@ -150,6 +151,11 @@ class Config:
             raise ValueError(f"ratio_norm needs sde_kind='sde' and logprob_reduce='mean' (its bias term "
                              f"is the Gaussian one of Eq. (3) averaged over elements); got "
                              f"{self.sde_kind!r}, {self.logprob_reduce!r}")
+        if self.seed >= 2 ** 32:
+            raise ValueError(f"seed={self.seed} must be < 2**32")
+        if self.eval_per_category and self.model != "toy":
+            raise ValueError(f"eval_per_category={self.eval_per_category}: the held-out evaluation is the "
+                             f"toy world's; use --eval_per_category=0 with a checkpoint")
         if self.sft_steps and self.model != "toy":
             raise ValueError(f"sft_steps={self.sft_steps}: the SFT warm-up trains on the toy world's "
                              f"data; use --sft_steps=0 with a checkpoint")
@@ -300,10 +306,10 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                               "ckpt.pt, metrics.jsonl and summary.json)")
     groups = {g: p.add_argument_group(title) for g, title in GROUPS.items()}
     for f in dataclasses.fields(Config):
-        toy = PRESETS["toy"].get(f.name, f.default)
         note = f"default {_shown(f.default)}"
-        if toy != f.default:
-            note += f"; --toy {_shown(toy)}"
+        for name, values in PRESETS.items():
+            if f.name in values and values[f.name] != f.default:
+                note += f"; --{name} {_shown(values[f.name]) or '(required)'}"
         groups[f.metadata["group"]].add_argument(
             f"--{f.name}", type=_value_parser(f.default), default=argparse.SUPPRESS, metavar="V",
             help=f"{f.metadata['help']} [{note}]".replace("%", "%%"))
@@ -320,7 +326,10 @@ def parse_args(argv, parser_=None) -> tuple[Config, argparse.Namespace]:
             raise SystemExit(f"error: unexpected argument {a!r}; use --toy, --bagel, --resume or "
                              f"--key=value")
         key = a[2:].partition("=")[0]
-        near = difflib.get_close_matches(key, [*fields, "toy", "bagel", "resume", "overwrite"], n=3)
+        known = [*fields, "toy", "bagel", "resume", "overwrite"]
+        words = set(key.split("_")) - {""}
+        near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+        near += [k for k in known if k not in near and (words & set(k.split("_")) or key in k)][:6]
         hint = f"did you mean {', '.join('--' + n for n in near)}? " if near else ""
         raise SystemExit(f"error: unknown option --{key}: {hint}(presets --toy and --bagel; "
                          f"`python train.py --help` lists every key)")

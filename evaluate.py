@@ -1,6 +1,7 @@
 """Held-out evaluation and the run's pictures: one reasoning chain and one ODE image per prompt,
 scored by the toy world's verifier (TA-style score, GenEval-style accuracy, plan validity, plan
 following, background noise), a PNG grid of a fixed slice of the prompts, and the reward curve.
+The Bagel path's evaluation (GenEval's rules, several CFG scales) is the next step and joins here.
 
     result, prompts, texts, images = evaluate.evaluate(policy, cfg, n_per_category=256)
 """
@@ -89,8 +90,8 @@ def save_grid(path: Path, prompts, texts, images, per_category: int, title: str,
     """A PNG of a fixed slice of the evaluation set (two prompts per category): image, prompt,
     reasoning, verdict."""
     from PIL import Image, ImageDraw
-    pick = [i for c in range(len(prompts) // per_category)
-            for i in (c * per_category, c * per_category + 1)]
+    pick = [c * per_category + j for c in range(len(prompts) // per_category)
+            for j in range(min(2, per_category))]
     scores = toy.score_images(images[pick], [prompts[i] for i in pick])
     cell_w, img_px, rows = 300, 96, -(-len(pick) // per_row)
     canvas = Image.new("RGB", (cell_w * per_row, 20 + rows * (img_px + 52)), "white")

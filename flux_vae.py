@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -202,8 +203,11 @@ def load_flux_vae(path, params: dict | None = None, dtype=torch.float32, device=
     with torch.device("meta"):  # no random init; real tensors are assigned below
         vae = FluxVAE(params)
     try:
-        sd = convert_flux_ae_state_dict(load_file(str(path)), len(params["ch_mult"]),
-                                        params["num_res_blocks"])
+        official = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        sd = convert_flux_ae_state_dict(official, len(params["ch_mult"]), params["num_res_blocks"])
     except KeyError as e:
         raise KeyError(f"{path}: {e.args[0]}") from None
     expected = vae.ae.state_dict()

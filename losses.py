@@ -47,13 +47,14 @@ Deviations / borrowed defaults
      the exact one.
   6. Eq. (2) reductions are TRL's loss_type (grpo default, bnpo, dapo, dr_grpo), single process, no
      gradient accumulation (there dapo == bnpo); level="sequence" is TRL's GSPO-style sequence-level
-     ratio.
+     ratio. `reduction` (Config.text_reduction) always names this token reduction; sampler.py's
+     `reduce` (Config.logprob_reduce) is the other idea, the log-density's over latent elements.
 """
 
 import torch
 from einops import rearrange
 
-_REDUCTIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
+TOKEN_REDUCTIONS = ("grpo", "bnpo", "dapo", "dr_grpo")
 
 
 def _check(cond, msg):
@@ -165,7 +166,7 @@ def text_grpo_per_token_loss(logp, logp_old, advantages, mask, clip_eps, clip_ep
 def reduce_token_loss(per_token_loss, mask, reduction="grpo", max_completion_length=None):
     """Eq. (2) reduction over tokens (TRL loss_type): "grpo" mean_i[sum_t M l / sum_t M];
     "bnpo"/"dapo" sum(M l) / sum(M); "dr_grpo" sum(M l) / (R * max_completion_length)."""
-    _check(reduction in _REDUCTIONS, f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    _check(reduction in TOKEN_REDUCTIONS, f"reduction must be one of {TOKEN_REDUCTIONS}, got {reduction!r}")
     _same_shape("per_token_loss", per_token_loss, "mask", mask)
     M = mask.to(per_token_loss.dtype)
     masked = per_token_loss * M

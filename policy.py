@@ -130,7 +130,7 @@ class Policy(nn.Module):
                        torch.zeros(R, dtype=torch.long, device=dev))
 
     # -------------------------------------------------------------------------------------- text
-    def embed_text(self, ids, valid, carry=None):
+    def text_embeddings(self, ids, valid, carry=None):
         """Input embeddings of text ids (R, L) plus the embed hook's term: (embeddings, carry)."""
         e = self.model.embed_text(ids)
         if self.embed_hook is None:
@@ -146,7 +146,7 @@ class Policy(nn.Module):
         pos = past.rope_next[:, None] + torch.arange(L, device=ids.device)
         causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
         mask = torch.cat([past.key_mask[:, None, :].expand(R, L, -1), causal & valid[:, None, :]], -1)
-        emb, carry = self.embed_text(ids, valid, past.hook_carry)
+        emb, carry = self.text_embeddings(ids, valid, past.hook_carry)
         h, present = self.model(emb, None, pos, visible(mask)[:, None], past.past())
         keys = [torch.cat([pk, k], 2) for pk, (k, _) in zip(past.keys, present)]
         values = [torch.cat([pv, v], 2) for pv, (_, v) in zip(past.values, present)]
@@ -263,7 +263,7 @@ class Policy(nn.Module):
         ids, valid, starts = text_rows(self.cfg, thoughts, self.device)
         Lt, T = ids.shape[1], thoughts.ids.shape[1]
         is_gen, pos, mask = packed_layout(valid, K, N)
-        emb = torch.cat([self.embed_text(ids, valid)[0], _blocks(self.model, x_t, t, h, w)], 1)
+        emb = torch.cat([self.text_embeddings(ids, valid)[0], _blocks(self.model, x_t, t, h, w)], 1)
         hid, _ = self.model(emb, is_gen, pos, mask)
         cols = (starts[:, None] + torch.arange(T, device=self.device)).clamp(max=max(Lt - 1, 0))
         logits = self.model.logits(hid.gather(1, cols[..., None].expand(-1, -1, hid.shape[-1])))

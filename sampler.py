@@ -27,7 +27,8 @@ Glossary
 Deviations / borrowed defaults
     1. log_prob is averaged over latent elements by default (reduce="mean", FlowGRPO's choice,
        flow_grpo #143); reduce="sum" gives the exact log-density. The clip range must match the
-       choice.
+       choice. `reduce` (Config.logprob_reduce) always names this reduction over latent elements;
+       losses.py's `reduction` (Config.text_reduction) is the other idea, Eq. (2)'s over tokens.
     2. The first step (t == 1 exactly) uses sigma_t = eta*sqrt(t / (1 - t_next)) since 1 - t = 0
        there (FlowGRPO uses sigmas[1], the next grid point; the first-step std therefore depends on
        the grid).

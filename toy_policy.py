@@ -206,7 +206,7 @@ def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0)
 
     images: (R, 3, H, W) in [0, 1]. One train_forward gives both, with K = 1 noisy block per sample.
     """
-    thoughts = policy.thoughts_from_text([p.text if hasattr(p, "text") else str(p) for p in prompts], plans)
+    thoughts = policy.thoughts_from_text([p.text for p in prompts], plans)
     x_0 = policy.encode(images * 2 - 1)                                   # (R, N, D)
     R = x_0.shape[0]
     u = torch.randn(R, generator=generator, device=generator.device).to(x_0.device)   # logit-normal t
@@ -231,15 +231,17 @@ def sft_cache_path(policy, cfg, cache_dir: Path) -> Path:
 
 
 def read_sft_cache(path: Path) -> tuple[dict, dict]:
-    """(state dict, metadata with 'seconds' and 'steps') of a cached SFT policy; safetensors, no pickle."""
+    """(state dict, metadata with 'seconds' and 'steps') of a cached SFT policy; safetensors, no pickle,
+    every tensor finite."""
     try:
         state = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise RuntimeError(f"SFT cache {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
-                           f"delete it to train again") from None
-    return state, {k: float(v) for k, v in header.items()}
+            meta = {k: float(v) for k, v in (f.metadata() or {}).items()}
+        checkpoint.check_finite("", **state)
+    except (SafetensorError, OSError, ValueError, FloatingPointError) as e:
+        raise checkpoint.CorruptFile(f"SFT cache {path} is corrupt or unreadable ({type(e).__name__}: "
+                                     f"{e}); delete it to train again") from None
+    return state, meta
 
 
 def sft(policy, cfg, cache_dir: Path, log) -> float:
@@ -250,7 +252,11 @@ def sft(policy, cfg, cache_dir: Path, log) -> float:
     path = sft_cache_path(policy, cfg, cache_dir)
     if path.exists():
         state, meta = read_sft_cache(path)
-        policy.load_state_dict(state)
+        try:
+            policy.load_state_dict(state)
+        except RuntimeError as e:
+            raise checkpoint.CorruptFile(f"SFT cache {path} holds another model ({str(e)[:200]}); "
+                                         f"delete it to train again") from None
         log(f"SFT: loaded cached checkpoint {path} (trained in {meta.get('seconds', float('nan')):.0f} s)")
         return 0.0
     t0 = time.time()

@@ -45,8 +45,22 @@ def build_policy(cfg, start=None):
 def build_reward(cfg):
     if cfg.model == "toy":
         return toy.ToyReward()
-    raise NotImplementedError("real reward models for --bagel are not wired yet (README, "
-                              "'BAGEL-7B-MoT')")
+    raise SystemExit(f"error: --model={cfg.model} is a readable checkpoint, but real reward models for "
+                     f"--bagel are not wired yet (README, 'BAGEL-7B-MoT')")
+
+
+def check_fits(policy, cfg):
+    """The run's sizes fit the model (and the toy world), before any work."""
+    try:
+        policy.latent_shape(cfg.image_hw)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if cfg.model == "toy" and tuple(cfg.image_hw) != (toy.IMAGE_SIZE, toy.IMAGE_SIZE):
+        raise SystemExit(f"error: image_hw={cfg.image_hw}: the toy world's images are "
+                         f"{toy.IMAGE_SIZE}x{toy.IMAGE_SIZE}")
+    if cfg.max_think_tokens + 2 >= policy.cfg.max_position_embeddings:
+        raise SystemExit(f"error: max_think_tokens={cfg.max_think_tokens} does not fit the model's "
+                         f"{policy.cfg.max_position_embeddings} positions")
 
 
 def log_jsonl(path: Path, record: dict):
@@ -61,15 +75,19 @@ def main(argv=None):
             checkpoint.check_pretrained_folder(cfg.model)
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"error: --model={cfg.model}: {e}") from None
+    reward_fn = build_reward(cfg)
     with checkpoint.run_folder(Path(cfg.out_dir) / cfg.name, args.resume, args.overwrite) as run_dir:
         try:
-            return run(cfg, run_dir, args.resume)
+            return run(cfg, run_dir, args.resume, reward_fn)
+        except checkpoint.CorruptFile as e:
+            raise SystemExit(f"error: {e}") from None
         except FloatingPointError as e:
-            raise SystemExit(f"error: {e}; the run stopped, {run_dir / 'ckpt.pt'} keeps the last good "
-                             f"checkpoint") from None
+            ckpt = run_dir / "ckpt.pt"
+            kept = f"{ckpt} keeps the last good checkpoint" if ckpt.exists() else "no checkpoint written"
+            raise SystemExit(f"error: {e}; the run stopped, {kept}") from None
 
 
-def run(cfg, run_dir: Path, resume: bool, log=print) -> dict:
+def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print) -> dict:
     ckpt, metrics = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
     state = checkpoint.load_training(ckpt) if resume and ckpt.exists() else None
     if state is not None:
@@ -79,16 +97,26 @@ def run(cfg, run_dir: Path, resume: bool, log=print) -> dict:
     summary = {"config": dataclasses.asdict(cfg), "seconds": {}}
     torch.manual_seed(cfg.seed)
 
-    reward_fn = build_reward(cfg)
     policy = build_policy(cfg)
+    check_fits(policy, cfg)
+    if state is not None and set(state["policy"]) != set(policy.state_dict()):
+        raise SystemExit(f"error: {ckpt} holds the weights of another model; --overwrite starts over")
     summary["seconds"]["sft"] = toy_policy.sft(policy, cfg, Path(cfg.out_dir) / "sft-cache", log)
     evaluate.evaluate_stage(policy, cfg, run_dir, "before", summary, log)
 
-    ref = unigrpo.reference_policy(lambda: build_policy(cfg, start=policy))    # theta_ref: RL's start
+    ref, ref_id = None, None                             # theta_ref: the policy RL starts from
+    if unigrpo.needs_reference(cfg):
+        ref = unigrpo.reference_policy(lambda: build_policy(cfg, start=policy))
+        ref_id = checkpoint.fingerprint(ref.state_dict())
     opt = unigrpo.make_optimizer(policy, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     start = 0
     if state is not None:
+        saved = state.get("ref")                          # a fingerprint (older checkpoints: weights)
+        saved = checkpoint.fingerprint(saved) if isinstance(saved, dict) else saved
+        if saved is not None and saved != ref_id:
+            raise SystemExit(f"error: {ckpt}: the frozen reference differs from the one this run "
+                             f"started from (its SFT was retrained on another CPU or thread count?)")
         policy.load_state_dict(state["policy"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
@@ -110,7 +138,7 @@ def run(cfg, run_dir: Path, resume: bool, log=print) -> dict:
         log_jsonl(metrics, record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.rl_steps:
-            checkpoint.save_training(ckpt, step + 1, policy, opt, gen, cfg)
+            checkpoint.save_training(ckpt, step + 1, policy, opt, gen, cfg, ref_id)
     summary["seconds"]["rl"] = time.time() - t0
 
     evaluate.evaluate_stage(policy, cfg, run_dir, "after", summary, log)

@@ -51,7 +51,7 @@ from model import guided_velocity
 class Rollout:
     """One batch of trajectories: everything the update reads, produced once, under no_grad."""
     prompts: list                # (R,) prompt objects (with .text), group-contiguous
-    thoughts: object             # model.Thoughts: prompt ids, reasoning ids/mask, old token log-probs
+    thoughts: object             # policy.Thoughts: prompt ids, reasoning ids/mask, old token log-probs
     traj: sampler.Trajectory     # x_t, x_next, mean, std, log_prob at the K window steps; x_0
     images: torch.Tensor         # (R, 3, H, W) in [0, 1]
     rewards: torch.Tensor        # (R,)
@@ -63,14 +63,14 @@ def _texts(prompts) -> list[str]:
 
 
 def uncond_thoughts(policy, n_rows: int):
-    """The text-unconditional input for CFG: an empty prompt chunk and no reasoning. (Bagel's
-    cfg_text_precontext
-    omits the chunk; an empty one keeps rollout and train_forward on the same layout.)"""
+    """The text-unconditional input for CFG: an empty prompt chunk and no reasoning (Bagel's
+    cfg_text_precontext omits the chunk; an empty one keeps rollout and train_forward on one layout)."""
     return policy.think([""] * n_rows, n=1, max_new_tokens=0)
 
 
 @torch.no_grad()
-def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), temperature=None, num_steps=None):
+def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), temperature=None,
+             num_steps=None):
     """Prompt -> Thinking -> Image for n chains per prompt: (thoughts, trajectory, images in [0, 1])."""
     steps = num_steps or cfg.num_steps
     thoughts = policy.think(_texts(prompts), n=n, max_new_tokens=cfg.max_think_tokens if cfg.think else 0,
@@ -100,6 +100,9 @@ def rollout(policy, prompts, reward_fn, cfg: Config, generator) -> Rollout:
     thoughts, traj, images = generate(policy, prompts, cfg, generator, n=G, window=window)
     rows = [p for p in prompts for _ in range(G)]
     rewards = reward_fn(images, rows).float().to(images.device)
+    if not torch.isfinite(rewards).all():
+        raise FloatingPointError(f"the reward model returned non-finite rewards "
+                                 f"({int((~torch.isfinite(rewards)).sum())} of {len(rows)})")
     A = losses.group_advantages(rewards, G, std=cfg.adv_std, scope=cfg.adv_scope)
     A = losses.clamp_advantages(A, cfg.adv_clip_max)          # once, so text and image actions share it
     return Rollout(rows, thoughts, traj, images, rewards, A)
@@ -113,6 +116,13 @@ def rollout_stats(ro: Rollout, G: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ update
+def needs_reference(cfg: Config) -> bool:
+    """Whether the update reads the frozen reference: Eq. (8) (or the latent KL) on the image
+    actions, or the text KL on the reasoning."""
+    flow_on, text_on = cfg.train_parts in ("both", "image"), cfg.train_parts in ("both", "text")
+    return (flow_on and cfg.regulariser != "none") or (text_on and cfg.text_kl > 0)
+
+
 def reference_policy(build):
     """The frozen reference theta_ref of Eq. (8) and of the optional text KL. `build()` makes the start policy
     anew (a fresh model loaded with the start weights; at scale a sharded load, or the adapters switched off),
@@ -139,15 +149,22 @@ def make_optimizer(policy, cfg: Config) -> torch.optim.Optimizer:
                              weight_decay=cfg.weight_decay)
 
 
+def _flat(x):
+    """(b, K, ...) window tensors -> (b*K, ...) rows: row (i, k) is step k of sample i."""
+    return rearrange(x, "b k ... -> (b k) ...")
+
+
 def window_step(traj: sampler.Trajectory, idx, v, cfg: Config) -> sampler.SDEStep:
-    """Re-evaluate Eq. (3) at the stored window transitions x_t -> x_next under velocities v (b, K, N, D)."""
+    """Re-evaluate Eq. (3) at the stored window transitions x_t -> x_next under velocities v
+    (b, K, N, D)."""
     b, K = v.shape[:2]
-    flat = lambda x: rearrange(x, "b k ... -> (b k) ...")
     t, t_next = traj.t.repeat(b), traj.t_next.repeat(b)        # row (i, k) -> t[k]
-    step = sampler.sde_step(flat(traj.x_t[idx]), flat(v), t, t_next, cfg.noise_level,
-                            x_next=flat(traj.x_next[idx]), reduce=cfg.logprob_reduce, kind=cfg.sde_kind)
-    unflat = lambda x: rearrange(x, "(b k) ... -> b k ...", b=b, k=K)
-    return sampler.SDEStep(unflat(step.x_next), unflat(step.mean), unflat(step.std), unflat(step.log_prob))
+    step = sampler.sde_step(_flat(traj.x_t[idx]), _flat(v), t, t_next, cfg.noise_level,
+                            x_next=_flat(traj.x_next[idx]), reduce=cfg.logprob_reduce,
+                            kind=cfg.sde_kind)
+    parts = (rearrange(x, "(b k) ... -> b k ...", b=b, k=K)
+             for x in (step.x_next, step.mean, step.std, step.log_prob))
+    return sampler.SDEStep(*parts)
 
 
 def _velocities(policy, thoughts, x_t, t, uncond, cfg):
@@ -168,7 +185,7 @@ def unified_objective(policy, ref, ro: Rollout, idx, cfg: Config, uncond=None):
     if ref is None and cfg.text_kl > 0:
         raise ValueError("text_kl > 0 needs the frozen reference policy (ref)")
     flow_on, text_on = cfg.train_parts in ("both", "image"), cfg.train_parts in ("both", "text")
-    need_ref = ref is not None and ((flow_on and cfg.regulariser != "none") or (text_on and cfg.text_kl > 0))
+    need_ref = ref is not None and needs_reference(cfg)
     if need_ref:
         with torch.no_grad():
             out_ref = _velocities(ref, th, traj.x_t[idx], traj.t, uncond.select(idx) if uncond else None, cfg)
@@ -197,9 +214,8 @@ def unified_objective(policy, ref, ro: Rollout, idx, cfg: Config, uncond=None):
             reg = losses.velocity_mse(out.v, out_ref.v)                                # Eq. (8)
         elif need_ref and cfg.regulariser == "latent_kl":
             ref_step = window_step(traj, idx, out_ref.v, cfg)
-            flat = lambda x: rearrange(x, "b k ... -> (b k) ...")
             dt = (traj.t_next - traj.t).repeat(len(idx))                         # row (i, k) -> dt[k]
-            reg = losses.latent_kl(flat(new.mean), flat(ref_step.mean), flat(traj.std[idx]), dt)
+            reg = losses.latent_kl(_flat(new.mean), _flat(ref_step.mean), _flat(traj.std[idx]), dt)
         if reg is not None:
             stats["regulariser"] = reg.item()
     J = losses.unified_loss(J_text, J_flow, reg, lam=cfg.lam, reg_weight=cfg.reg_weight)      # Eq. (7)

@@ -1,6 +1,7 @@
-"""Rollout cost of the toy Policy: the cached path (KV cache while thinking, one context prefill \
-reused by every
-denoising step) against a naive path that re-runs the whole sequence at every token and every step.
+"""Rollout cost of the toy Policy, cached against naive, on one group.
+
+The cached path keeps a KV cache while thinking and one context prefill reused by every denoising
+step; the naive path re-runs the whole sequence at every token and every step.
 
 One group: G reasoning chains for one prompt (temperature 1, the same generator seed in both paths,
 so both sample the same tokens) and one image per chain with `num_steps` Euler ODE steps on Bagel's

@@ -1,7 +1,7 @@
-"""Throughput of the toy world's renderer and exact verifier: images (plans) per second for \
-render, verify and
-plan scoring on this process's threads. The reward of every RL step runs this path on R = B*G
-images.
+"""Throughput of the toy world's renderer and exact verifier.
+
+Images (plans) per second for render, verify and plan scoring on this process's threads. The reward
+of every RL step runs this path on R = B*G images.
 
     .venv/bin/python benchmarks/bench_verifier.py [--n 4096] [--seed 0] [--threads 1]
 """

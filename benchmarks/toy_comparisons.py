@@ -6,8 +6,7 @@ shows.
     python benchmarks/toy_comparisons.py unigrpo sft_more  # a subset, by name
     python benchmarks/toy_comparisons.py --seed=1          # extra --key=value flags go to every run
     python benchmarks/toy_comparisons.py sft_more --sft_more_steps=800  # control length set by hand
-    python benchmarks/toy_comparisons.py --reuse           # keep finished runs; run only the
-                                                             missing ones
+    python benchmarks/toy_comparisons.py --reuse           # keep finished runs, run the rest
 
 Each run is `python train.py --toy --name=cmp-<name> <flags>` in its own process; the table reads
 <out_dir>/cmp-<name>/summary.json (out_dir: runs, or --out_dir=...), and all results are saved
@@ -75,7 +74,8 @@ def main(argv):
         raise SystemExit(f"error: unknown variant(s) {unknown}; "
                          f"known: {', '.join([*VARIANTS, 'sft_more'])}")
     cfg, _ = config.parse_args(["--toy", *extra])
-    out_dir, reuse = Path(cfg.out_dir), "--reuse" in argv
+    out_dir, reuse = Path(cfg.out_dir).resolve(), "--reuse" in argv
+    extra = [a for a in extra if not a.startswith("--out_dir=")] + [f"--out_dir={out_dir}"]
     results, lines = {}, []
     for name in names:
         if name != "sft_more":
@@ -83,14 +83,12 @@ def main(argv):
             lines.append(row(VARIANTS[name][0], results[name]["before"], results[name]["after"],
                              results[name]["seconds"]["rl"]))
     if "sft_more" in names:
-        # Equal-time control: continue SFT (same data stream, same optimiser) for as long as UniGRPO
-        # trained.
+        # Equal-time control: SFT continued (same data stream, same optimiser) for UniGRPO's RL time.
         base = results.get("unigrpo") or run("unigrpo", [], extra, out_dir, reuse)
         if more:
             more = more[0]
         else:
-            # UniGRPO's RL seconds / seconds per SFT step of the cached SFT (time both under the
-            # same load)
+            # UniGRPO's RL seconds / seconds per step of the cached SFT (both timed under one load)
             cache = toy_policy.sft_cache_path(toy_policy.build_policy(cfg.seed), cfg,
                                               out_dir / "sft-cache")
             more = round(base["seconds"]["rl"]

@@ -46,3 +46,17 @@ def smoke():
     return ["--toy", "--sft_steps=30", "--sft_batch=16", "--rl_steps=4", "--prompts_per_step=2",
             "--group_size=4", "--eval_per_category=2", "--eval_steps=4", "--num_steps=6",
             "--window_start=0,2", "--window_size=2", "--ckpt_every=2"]
+
+
+def spread(images, prompts):
+    """A reward with spread inside every group (the mean pixel), so that smoke-size RL steps really move
+    the weights: the toy's verifier gives all of a barely trained policy's images the same score."""
+    return images.mean((1, 2, 3))
+
+
+@pytest.fixture
+def spread_reward(monkeypatch):
+    """train.main with the `spread` reward (returns the function, for a subprocess to install too)."""
+    import train
+    monkeypatch.setattr(train, "build_reward", lambda cfg: spread)
+    return spread

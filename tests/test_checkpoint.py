@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import checkpoint
 import config
@@ -23,6 +24,8 @@ import train
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures" / "bagel" / "model"
 torch.set_num_threads(1)
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 class Evil:
@@ -46,7 +49,7 @@ def test_crafted_checkpoint_runs_no_code_on_resume(tmp_path, smoke):
     run.mkdir()
     marker = tmp_path / "pwned"
     torch.save({"step": Evil(marker), "policy": {}}, run / "ckpt.pt")
-    with pytest.raises(RuntimeError, match="ckpt.pt"):
+    with pytest.raises(SystemExit, match="ckpt.pt.*possibly crafted"):
         train.main(smoke + [f"--out_dir={tmp_path}", "--name=r", "--resume"])
     assert not marker.exists()
 
@@ -61,16 +64,23 @@ def test_crafted_sft_cache_runs_no_code_on_a_plain_rerun(tmp_path):
     with pytest.raises(RuntimeError, match=path.name):
         toy_policy.sft(policy, cfg, tmp_path / "sft-cache", print)
     assert not marker.exists()
+    state = {k: v.contiguous() for k, v in policy.state_dict().items()}
+    state["model.vae2llm.bias"] = state["model.vae2llm.bias"] * float("nan")
+    save_file(state, str(path))                          # a readable cache with NaN weights
+    with pytest.raises(RuntimeError, match=f"{path.name}.*non-finite model.vae2llm.bias"):
+        toy_policy.sft(policy, cfg, tmp_path / "sft-cache", print)
 
 
 def test_training_checkpoints_hold_plain_tensors_only(tmp_path, smoke):
     train.main(smoke + [f"--out_dir={tmp_path}", "--name=r"])
     state = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)   # loads: nothing but plain data
-    assert set(state) == {"step", "policy", "opt", "gen", "config"} and state["step"] == 4
+    assert set(state) == {"step", "policy", "opt", "gen", "config", "ref"} and state["step"] == 4
+    assert isinstance(state["ref"], str)                                 # the reference's fingerprint
+    assert oct((tmp_path / "r" / "ckpt.pt").stat().st_mode & 0o777) == oct(0o666 & ~UMASK)
 
 
 # ------------------------------------------------------------------------------------- non-finite
-def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, smoke,
+def test_a_nan_reward_stops_the_run_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, smoke,
                                                                                  monkeypatch):
     args = smoke + [f"--out_dir={tmp_path}", "--name=r", "--ckpt_every=1"]
     real = train.build_reward
@@ -86,7 +96,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_good_checkpoint(
         return fn
 
     monkeypatch.setattr(train, "build_reward", poisoned)
-    with pytest.raises(SystemExit, match=r"RL step 2: non-finite loss.*skipped"):
+    with pytest.raises(SystemExit, match=r"RL step 2: the reward model returned non-finite rewards"):
         train.main(args)
     state = checkpoint.load_training(tmp_path / "r" / "ckpt.pt")
     assert state["step"] == 2
@@ -191,7 +201,7 @@ def test_concurrent_writers_never_share_a_temp_file(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- resume
-def test_a_moved_run_folder_resumes_exactly(tmp_path, smoke):
+def test_a_moved_run_folder_resumes_exactly(tmp_path, smoke, spread_reward):
     a, b = tmp_path / "a", tmp_path / "b"
     train.main(smoke + [f"--out_dir={a}", "--name=r", "--rl_steps=2"])
     full = tmp_path / "full"
@@ -201,7 +211,7 @@ def test_a_moved_run_folder_resumes_exactly(tmp_path, smoke):
     assert drop_step_time(b / "r" / "metrics.jsonl") == drop_step_time(full / "r" / "metrics.jsonl")
 
 
-def test_resume_tolerates_a_field_added_since_at_its_default(tmp_path, smoke):
+def test_resume_tolerates_a_field_added_since_at_its_default(tmp_path, smoke, spread_reward):
     train.main(smoke + [f"--out_dir={tmp_path}", "--name=r", "--rl_steps=2"])
     path = tmp_path / "r" / "ckpt.pt"
     state = torch.load(path, weights_only=True)
@@ -213,13 +223,15 @@ def test_resume_tolerates_a_field_added_since_at_its_default(tmp_path, smoke):
                             "--text_kl=0.1"])
 
 
-def test_kill_9_then_resume_is_exact(tmp_path, smoke):
+def test_kill_9_then_resume_is_exact(tmp_path, smoke, spread_reward):
     """A real SIGKILL mid-run (after a checkpoint), then --resume: the same metrics and weights as an
     uninterrupted run."""
     args = smoke + ["--rl_steps=6", "--ckpt_every=2"]
     train.main(args + [f"--out_dir={tmp_path}", "--name=full"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={tmp_path}", "--name=k"],
+    child = ("import sys; sys.path.insert(0, 'tests'); import conftest, train; "
+             "train.build_reward = lambda cfg: conftest.spread; train.main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", child, *args, f"--out_dir={tmp_path}", "--name=k"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "k" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -232,6 +244,7 @@ def test_kill_9_then_resume_is_exact(tmp_path, smoke):
     proc.wait()
     train.main(args + [f"--out_dir={tmp_path}", "--name=k", "--resume"])
     assert drop_step_time(metrics) == drop_step_time(tmp_path / "full" / "metrics.jsonl")
+    assert all(r["grad_norm"] > 0 for r in drop_step_time(metrics))
     a = checkpoint.load_training(tmp_path / "full" / "ckpt.pt")["policy"]
     b = checkpoint.load_training(tmp_path / "k" / "ckpt.pt")["policy"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -259,3 +272,52 @@ def test_bagel_checks_the_model_folder_first(tmp_path):
     with pytest.raises(SystemExit, match="llm_config.json"):
         train.main(["--bagel", f"--model={empty}", "--device=cpu", f"--out_dir={tmp_path}"])
     assert not (tmp_path / "bagel").exists()
+
+
+@pytest.mark.parametrize("flag, key", [("--image_hw=24,24", "image_hw"), ("--image_hw=64,64", "image_hw"),
+                                       ("--max_think_tokens=5000", "max_think_tokens")])
+def test_sizes_that_do_not_fit_the_model_stop_before_the_sft(tmp_path, smoke, flag, key):
+    with pytest.raises(SystemExit, match=key):
+        train.main(smoke + [f"--out_dir={tmp_path}", flag])
+    assert not (tmp_path / "sft-cache").exists()
+
+
+def test_bagel_with_a_good_folder_stops_at_the_reward_with_a_message(tmp_path):
+    args = ["--bagel", f"--model={FIX}", "--device=cpu", f"--out_dir={tmp_path}"]
+    with pytest.raises(SystemExit, match="not wired yet"):
+        train.main(args)
+    assert not (tmp_path / "bagel").exists()
+    folder = Path(shutil.copytree(FIX, tmp_path / "m"))
+    (folder / "ema.safetensors").write_bytes((folder / "ema.safetensors").read_bytes()[:64])
+    with pytest.raises(SystemExit, match="ema.safetensors"):
+        train.main(["--bagel", f"--model={folder}", "--device=cpu", f"--out_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("content", [[1, 2], {"step": 1, "config": {}}, {"step": "x", "policy": {},
+                                                                          "opt": {}, "config": {}}])
+def test_a_plain_data_file_of_the_wrong_layout_is_named_not_a_traceback(tmp_path, smoke, content):
+    (tmp_path / "r").mkdir()
+    torch.save(content, tmp_path / "r" / "ckpt.pt")
+    with pytest.raises(SystemExit, match="ckpt.pt is corrupt or not a training checkpoint"):
+        train.main(smoke + [f"--out_dir={tmp_path}", "--name=r", "--resume"])
+
+
+def test_resume_refuses_a_different_frozen_reference(tmp_path, smoke):
+    args = smoke + [f"--out_dir={tmp_path}", "--name=r", "--rl_steps=2"]
+    train.main(args)
+    path = tmp_path / "r" / "ckpt.pt"
+    state = torch.load(path, weights_only=True)
+    state["ref"] = "0" * 40                              # as if the SFT had been retrained differently
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match="frozen reference differs"):
+        train.main(smoke + [f"--out_dir={tmp_path}", "--name=r", "--rl_steps=3", "--resume"])
+
+
+def test_overwrite_removes_every_artifact_of_the_old_run(tmp_path, smoke):
+    args = smoke + [f"--out_dir={tmp_path}", "--name=r", "--rl_steps=1"]
+    train.main(args)
+    run = tmp_path / "r"
+    assert (run / "grid_after.png").exists()
+    train.main(args + ["--overwrite", "--eval_per_category=0"])
+    assert not any((run / f).exists() for f in ("grid_before.png", "grid_after.png"))
+    assert (run / "ckpt.pt").exists() and (run / "reward_curve.png").exists()

@@ -35,7 +35,8 @@ def test_help_lists_every_field_with_its_help_grouped():
 
 @pytest.mark.parametrize("argv, near", [(["--toy", "--group_siz=3"], "--group_size"),
                                         (["--toy", "--lr_reasonin", "1"], "--lr_reasoning"),
-                                        (["--tooy"], "--toy")])
+                                        (["--tooy"], "--toy"), (["--toy", "--lr=1"], "--lr_reasoning"),
+                                        (["--toy", "--eps_clip=1"], "--clip_text")])
 def test_unknown_key_names_the_nearest_valid_ones(argv, near):
     with pytest.raises(SystemExit, match=f"unknown option.*did you mean.*{near}"):
         config.parse_args(argv)
@@ -60,7 +61,8 @@ def test_values_parse_by_the_fields_type():
     ("--clip_flow=0", "clip_flow"), ("--noise_level=inf", "noise_level"), ("--sft_ema=1", "sft_ema"),
     ("--name=a/b", "name"), ("--prompts_per_step=0", "prompts_per_step"), ("--seed=-1", "seed"),
     ("--adv_clip_max=0", "adv_clip_max"), ("--eval_steps=0", "eval_steps"), ("--dtype=int8", "dtype"),
-    ("--minibatches=3", "minibatches"), ("--reg_weight=-1", "reg_weight")])
+    ("--minibatches=3", "minibatches"), ("--reg_weight=-1", "reg_weight"),
+    ("--noise_level=0", "noise_level"), ("--seed=4294967296", "seed")])
 def test_bad_values_are_refused_naming_the_key(override, key):
     with pytest.raises(SystemExit, match=key):
         config.parse_args(["--toy", override])
@@ -91,3 +93,14 @@ def test_resume_may_change_only_where_how_long_and_how_it_evaluates():
     assert may == {"name", "out_dir", "device", "ckpt_every", "rl_steps", "eval_per_category",
                    "eval_steps", "eval_temperature"}
     assert set(config.algorithm_fields()) == {f.name for f in dataclasses.fields(config.Config)} - may
+
+
+def test_bagel_refuses_the_toy_only_stages(tmp_path):
+    for flag, key in (("--eval_per_category=4", "eval_per_category"), ("--sft_steps=10", "sft_steps")):
+        with pytest.raises(SystemExit, match=key):
+            config.parse_args(["--bagel", f"--model={tmp_path}", "--device=cpu", flag])
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path, smoke):
+    with pytest.raises(SystemExit, match="choose one"):
+        train.main(smoke + [f"--out_dir={tmp_path}", "--resume", "--overwrite"])

@@ -24,7 +24,7 @@ def small(tok, hook, randomize=None):
 
 def embed(policy, ids):
     """The input embeddings of ids (1, L) with and without the hook's term."""
-    return (policy.embed_text(ids, torch.ones_like(ids, dtype=torch.bool))[0],
+    return (policy.text_embeddings(ids, torch.ones_like(ids, dtype=torch.bool))[0],
             policy.model.embed_text(ids))
 
 
@@ -126,8 +126,8 @@ def test_grounding_hook_carry_through_the_policy(tok):
     ctx = policy.forward_text(ids[:, :2], valid[:, :2])[1]
     assert ctx.hook_carry.tolist() == [5]
     assert policy.forward_text(ids, valid)[1].hook_carry.tolist() == [15]
-    whole, _ = policy.embed_text(ids, valid)
-    tail, _ = policy.embed_text(ids[:, 2:], valid[:, 2:], ctx.hook_carry)
+    whole, _ = policy.text_embeddings(ids, valid)
+    tail, _ = policy.text_embeddings(ids[:, 2:], valid[:, 2:], ctx.hook_carry)
     torch.testing.assert_close(tail, whole[:, 2:])
 
 

@@ -6,6 +6,7 @@ import torch
 
 import checkpoint
 import config
+import evaluate
 import toy
 import toy_policy
 import train
@@ -40,7 +41,7 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, smoke, monkeypatch):
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, smoke, monkeypatch, spread_reward):
     args = smoke + [f"--out_dir={tmp_path}"]
     train.main(args + ["--name=full"])
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
@@ -62,6 +63,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, smoke, monkeypatc
     resumed = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     drop = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "step_time"} for r in rows]
     assert drop(resumed) == drop(full)
+    assert all(json.loads(r)["grad_norm"] > 0 for r in full)     # the steps really moved
 
 
 def test_resume_refuses_another_runs_checkpoint(tmp_path, smoke):
@@ -131,7 +133,7 @@ def test_sft_batch_noise_corrupts_plans_and_images_at_the_configured_rate():
     prompts_n, plans_n, images_n = toy_policy.sft_batch(noisy, 0)
     assert [p.text for p in prompts_n] == [p.text for p in prompts]
     bad_plan = 1 - toy.score_plans(plans_n, prompts_n).all_correct.float().mean().item()
-    drawn, planned = toy.plan_following(plans_n, images_n)
+    drawn, planned = evaluate.plan_following(plans_n, images_n)
     objs = [toy.parse_plan(t) for t in plans_n]
     image_off = sum(sorted((d.colour, d.shape, int(d.y // 8) * 4 + int(d.x // 8)) for d in det)
                     != sorted((o.colour, o.shape, o.cell) for o in obj)
