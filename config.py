@@ -303,7 +303,7 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                          help="continue the run in <out_dir>/<name> exactly")
     actions.add_argument("--overwrite", action="store_true",
                          help="start over in a run folder that holds another run (deletes its "
-                              "ckpt.pt, metrics.jsonl and summary.json)")
+                              "checkpoint, metrics, summary and pictures)")
     groups = {g: p.add_argument_group(title) for g, title in GROUPS.items()}
     for f in dataclasses.fields(Config):
         note = f"default {_shown(f.default)}"
