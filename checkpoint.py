@@ -39,7 +39,7 @@ LLM_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 TOKEN_ROLES = {"bos_token_id": "im_start_id", "eos_token_id": "im_end_id",  # Bagel's new_token_ids names
                "start_of_image": "vision_start_id", "end_of_image": "vision_end_id"}
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json")          # what makes a folder hold a run
-ARTIFACTS = (*RUN_FILES, "grid_before.png", "grid_after.png", "reward_curve.png")
+ARTIFACTS = (*RUN_FILES, "grid_*.png", "reward_curve.png", "model")         # globs; model: the export
 TRAINING_KEYS = {"step": int, "policy": dict, "opt": dict, "gen": torch.Tensor, "config": dict}
 _UMASK = os.umask(0)
 os.umask(_UMASK)                                                   # read once: mkstemp files are 0600
@@ -339,8 +339,8 @@ def run_folder(run_dir: Path, resume: bool, overwrite: bool):
             raise SystemExit(f"error: {run_dir} holds a run ({', '.join(held)}): --resume continues it, "
                              f"--overwrite replaces it, or pick another --name")
         if overwrite:
-            for f in ARTIFACTS:
-                (run_dir / f).unlink(missing_ok=True)
+            for f in (f for pattern in ARTIFACTS for f in run_dir.glob(pattern)):
+                shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
         yield run_dir
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)

@@ -25,7 +25,8 @@ import torch
 import losses
 import sampler
 
-GROUPS = {"run": "the run", "rollout": "rollout (Prompt -> Thinking -> Image)",
+GROUPS = {"run": "the run", "data": "prompts, reward and evaluation (--bagel)",
+          "rollout": "rollout (Prompt -> Thinking -> Image)",
           "update": "the unified update (Eq. (7))", "stages": "stages: SFT warm-up, RL, evaluation"}
 
 
@@ -44,11 +45,28 @@ class Config:
     out_dir: str = arg("run", "runs", "parent folder of the run folders and of the SFT cache",
                        resume_may_change=True)
     seed: int = arg("run", 0, "seeds the init, the SFT data, the rollouts and the evaluation")
-    device: str = arg("run", "cpu", "torch device: cpu, cuda, cuda:1, mps", resume_may_change=True)
-    dtype: str = arg("run", "float32", "weights of a loaded checkpoint (--bagel: bfloat16); toy: fp32")
+    device: str = arg("run", "cpu", "torch device: cpu, cuda, cuda:1, mps; auto: cuda when there is one",
+                      resume_may_change=True)
+    dtype: str = arg("run", "float32", "weights of a loaded checkpoint; auto: bfloat16 on cuda, float32 "
+                                       "elsewhere; the toy: float32")
     model: str = arg("run", "toy", "'toy', or a folder holding an official BAGEL checkpoint")
     ckpt_every: int = arg("run", 10, "write ckpt.pt every this many RL steps, and at the end",
                           resume_may_change=True)
+    # prompts, reward, evaluation
+    prompts: str = arg("data", "", "train prompts: .txt (one a line), .jsonl ({\"prompt\": ...}, GenEval's "
+                                   "metadata); the toy draws its own")
+    eval_prompts: str = arg("data", "", "held-out prompts in the same formats, scored before and after RL",
+                            resume_may_change=True)
+    reward: str = arg("data", "toy", "'toy' (the exact verifier) or kind:folder[@weight],... with kind clip, "
+                                     "pickscore, vlm or geneval")
+    reward_batch: int = arg("data", 16, "images per reward-model call", resume_may_change=True)
+    eval_cfg: tuple = arg("data", (1.0,), "text-CFG scales of the evaluation, e.g. 1,4 (1: no CFG)",
+                          resume_may_change=True)
+    eval_samples: int = arg("data", 1, "images per held-out prompt", resume_may_change=True)
+    eval_batch: int = arg("data", 256, "rows per generation call in evaluation", resume_may_change=True)
+    eval_limit: int = arg("data", 0, "evaluate the first N held-out prompts; 0: all", resume_may_change=True)
+    save_model: bool = arg("data", True, "write the trained policy to <out_dir>/<name>/model (the official "
+                                         "layout, readable by --model)", resume_may_change=True)
     # rollout
     prompts_per_step: int = arg("rollout", 32, "B: prompts per RL step (paper: 32)")
     group_size: int = arg("rollout", 24, "G: reasoning chains, hence images, per prompt (paper: 24)")
@@ -63,11 +81,15 @@ class Config:
     sde_kind: str = arg("rollout", "sde", "'sde' (Eq. (3)) or 'cps' (FlowGRPO-Fast's configs)")
     logprob_reduce: str = arg("rollout", "mean", "log-prob over latent elements: 'mean' (FlowGRPO), "
                                                  "'sum'")
-    image_hw: tuple = arg("rollout", (1024, 1024), "image height,width in pixels (paper: 1024,1024)")
+    image_hw: tuple = arg("rollout", (1024, 1024), "image height,width in pixels (paper: 1024,1024); 0,0: "
+                                                   "the checkpoint's largest (BAGEL-7B: 1024,1024)")
+    rollout_batch: int = arg("rollout", 0, "prompts per generation call of a rollout (memory); 0: all B")
     cfg_scale: float = arg("rollout", 1.0, "text CFG in rollouts and evaluation (paper: 1, no CFG)")
     # the unified update
     ppo_epochs: int = arg("update", 2, "passes over each rollout (paper: 2)")
     minibatches: int = arg("update", 2, "optimizer steps per pass; must divide R = B*G")
+    micro_batch: int = arg("update", 0, "rows per forward/backward of a minibatch (gradient accumulation); "
+                                        "0: the whole minibatch")
     lr_reasoning: float = arg("update", 1e-6, "AdamW rate of the reasoning expert (paper: 1e-6)")
     lr_denoising: float = arg("update", 3e-5, "AdamW rate of the denoising expert (paper: 3e-5)")
     weight_decay: float = arg("update", 0.0, "AdamW weight decay")
@@ -104,7 +126,11 @@ class Config:
                                   resume_may_change=True)
 
     def validate(self) -> Config:
-        """Every field, before any work; a ValueError names the key."""
+        """Every field, before any work; a ValueError names the key. Resolves device and dtype 'auto'."""
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.default)
         choices = {"train_parts": ("both", "text", "image"),
@@ -118,9 +144,10 @@ class Config:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected one of "
                                  f"{', '.join(map(str, allowed))}")
         for key in ("prompts_per_step", "ppo_epochs", "minibatches", "num_steps", "window_size",
-                    "ckpt_every", "sft_batch", "eval_steps"):
+                    "ckpt_every", "sft_batch", "eval_steps", "reward_batch", "eval_samples", "eval_batch"):
             _at_least(key, getattr(self, key), 1)
-        for key in ("seed", "max_think_tokens", "sft_steps", "rl_steps", "eval_per_category"):
+        for key in ("seed", "max_think_tokens", "sft_steps", "rl_steps", "eval_per_category", "eval_limit",
+                    "rollout_batch", "micro_batch"):
             _at_least(key, getattr(self, key), 0)
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: group-relative advantages need at least "
@@ -140,8 +167,13 @@ class Config:
             ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             if len(value) != 2 or not ints:
                 raise ValueError(f"{key}={value!r}: expected two integers, e.g. --{key}=0,5")
-        if min(self.image_hw) < 1:
-            raise ValueError(f"image_hw={self.image_hw}: height and width must be positive")
+        if not self.eval_cfg or not all(_number(s) for s in self.eval_cfg):
+            raise ValueError(f"eval_cfg={self.eval_cfg!r}: expected numbers, e.g. --eval_cfg=1,4")
+        for s in self.eval_cfg:
+            _finite("eval_cfg", s, lower=0.0)
+        if min(self.image_hw) < 1 and not (self.image_hw == (0, 0) and self.model != "toy"):
+            raise ValueError(f"image_hw={self.image_hw}: height and width must be positive (0,0: a "
+                             f"checkpoint's largest size)")
         lo, hi = self.window_start
         if not (0 <= lo <= hi and hi + self.window_size <= self.num_steps - 1):
             raise ValueError(f"window_start={self.window_start}, window_size={self.window_size}: the SDE "
@@ -159,11 +191,19 @@ class Config:
         if self.sft_steps and self.model != "toy":
             raise ValueError(f"sft_steps={self.sft_steps}: the SFT warm-up trains on the toy world's "
                              f"data; use --sft_steps=0 with a checkpoint")
+        toy = self.model == "toy"
+        if toy and (self.reward != "toy" or self.prompts or self.eval_prompts):
+            raise ValueError("the toy world scores with its own verifier (reward='toy') and draws its own "
+                             "prompts; --reward, --prompts and --eval_prompts are for --bagel")
         if self.train_parts == "text" and not self.think:
             raise ValueError("train_parts='text' with think=False leaves nothing to train")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError(f"minibatches={self.minibatches} must divide prompts_per_step*group_size "
                              f"= {self.prompts_per_step * self.group_size}")
+        if self.micro_batch and self.text_reduction in ("bnpo", "dapo"):
+            raise ValueError(f"micro_batch={self.micro_batch} with text_reduction={self.text_reduction!r}: "
+                             f"that reduction normalises by the minibatch's token count, which a micro-batch "
+                             f"does not see; use grpo or dr_grpo, or micro_batch=0")
         if not self.name or Path(self.name).name != self.name or self.name in (".", ".."):
             raise ValueError(f"name={self.name!r}: a plain folder name (no '/'), e.g. "
                              f"--name=toy-seed1")
@@ -172,6 +212,10 @@ class Config:
                              f"--model=/path/to/BAGEL-7B-MoT (the official checkpoint layout)")
         check_device(self.device)
         return self
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check_type(key, value, default):
@@ -233,8 +277,11 @@ PRESETS = {
                 sft_mse_weight=10.0, sft_noise=0.3, rl_steps=140, ckpt_every=10,
                 eval_per_category=256, eval_steps=20),
     # The paper's setting (BAGEL-7B-MoT, 1024 px); the defaults of Config are the paper's numbers.
-    "bagel": dict(name="bagel", model="", dtype="bfloat16", device="cuda", image_hw=(1024, 1024),
-                  rl_steps=1000, eval_per_category=0),
+    # Evaluated with and without CFG (Bagel's text scale 4), as CFG-free training must be.
+    # image_hw 0,0: the checkpoint's largest size, 1024 px for BAGEL-7B-MoT.
+    "bagel": dict(name="bagel", model="", reward="", dtype="auto", device="auto", image_hw=(0, 0),
+                  rl_steps=1000, eval_per_category=0, eval_cfg=(1.0, 4.0), eval_batch=16,
+                  micro_batch=16),
 }
 
 
@@ -265,6 +312,13 @@ def _parse_pair(text: str) -> tuple:
             from None
 
 
+def _parse_floats(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 def _parse_optional_float(text: str):
     return None if text.lower() == "none" else _typed(float)(text)
 
@@ -281,6 +335,8 @@ def _typed(kind):
 def _value_parser(default):
     if default is None:
         return _parse_optional_float
+    if isinstance(default, tuple) and default and all(isinstance(v, float) for v in default):
+        return _parse_floats
     return {bool: _parse_bool, tuple: _parse_pair}.get(type(default)) or _typed(type(default))
 
 
@@ -301,6 +357,8 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                          help="BAGEL-7B-MoT from --model=FOLDER (the paper's numbers)")
     actions.add_argument("--resume", action="store_true",
                          help="continue the run in <out_dir>/<name> exactly")
+    actions.add_argument("--eval_only", action="store_true",
+                         help="evaluate --model on --eval_prompts at each --eval_cfg scale, no training")
     actions.add_argument("--overwrite", action="store_true",
                          help="start over in a run folder that holds another run (deletes its "
                               "checkpoint, metrics, summary and pictures)")
@@ -326,7 +384,7 @@ def parse_args(argv, parser_=None) -> tuple[Config, argparse.Namespace]:
             raise SystemExit(f"error: unexpected argument {a!r}; use --toy, --bagel, --resume or "
                              f"--key=value")
         key = a[2:].partition("=")[0]
-        known = [*fields, "toy", "bagel", "resume", "overwrite"]
+        known = [*fields, "toy", "bagel", "resume", "overwrite", "eval_only"]
         words = set(key.split("_")) - {""}
         near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
         near += [k for k in known if k not in near and (words & set(k.split("_")) or key in k)][:6]

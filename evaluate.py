@@ -1,12 +1,15 @@
-"""Held-out evaluation and the run's pictures: one reasoning chain and one ODE image per prompt,
-scored by the toy world's verifier (TA-style score, GenEval-style accuracy, plan validity, plan
-following, background noise), a PNG grid of a fixed slice of the prompts, and the reward curve.
-The Bagel path's evaluation (GenEval's rules, several CFG scales) is the next step and joins here.
+"""Held-out evaluation and the run's pictures. One reasoning chain and one ODE image per (prompt,
+sample), at each CFG scale asked for; scores per category (GenEval's tags, or the toy world's): the
+TA-style score and GenEval-style accuracy where the scorer gives verdicts (the toy verifier, the
+geneval reward), else the reward's mean; a PNG grid of a fixed slice of the prompts; the reward curve.
+The toy adds what only its exact world can measure: plan validity, plan following, background noise.
 
-    result, prompts, texts, images = evaluate.evaluate(policy, cfg, n_per_category=256)
+    result, prompts, texts, images = evaluate.evaluate(policy, cfg, n_per_category=256)   # the toy
+    result, rows, texts, images = evaluate.evaluate_prompts(policy, prompts, scorer, cfg, cfg_scale=4.0)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,19 +22,60 @@ import unigrpo
 
 
 @torch.no_grad()
-def evaluate(policy, cfg, n_per_category: int):
-    """Held-out prompts, one reasoning chain each (eval_temperature), ODE images (eval_steps).
-    Returns (scores dict, prompts, reasoning texts, images in [0, 1])."""
-    prompts = toy.prompts("eval", n_per_category, seed=cfg.seed + 12345)
+def generate_eval(policy, prompts, cfg, cfg_scale: float, samples: int = 1):
+    """(rows, reasoning texts, images in [0, 1]) for `samples` rows per prompt: eval_temperature,
+    eval_steps ODE steps, text CFG at cfg_scale, eval_batch rows per call, a fixed seed."""
+    rows = [p for p in prompts for _ in range(samples)]
+    run = dataclasses.replace(cfg, cfg_scale=float(cfg_scale))
     g = torch.Generator().manual_seed(cfg.seed + 777)
     texts, images = [], []
-    for i in range(0, len(prompts), 256):
-        th, _, img = unigrpo.generate(policy, prompts[i:i + 256], cfg, g,
+    for i in range(0, len(rows), cfg.eval_batch):
+        th, _, img = unigrpo.generate(policy, rows[i:i + cfg.eval_batch], run, g,
                                       temperature=cfg.eval_temperature, num_steps=cfg.eval_steps)
         texts += th.texts
         images.append(img)
-    images = torch.cat(images)
-    result = toy.summarize(toy.score_images(images, prompts), prompts)
+    return rows, texts, torch.cat(images)
+
+
+def score(scorer, images: torch.Tensor, rows) -> dict[str, torch.Tensor]:
+    """Per-image numbers: {"ta", "accuracy"} from a scorer with verdicts (`scores(images, rows) ->
+    (points, all correct)`), else {"reward"}."""
+    if hasattr(scorer, "scores"):
+        points, correct = scorer.scores(images, rows)
+        return {"ta": points.float(), "accuracy": correct.float()}
+    return {"reward": scorer(images, rows).float()}
+
+
+def summarize(per_image: dict[str, torch.Tensor], rows) -> dict[str, float]:
+    """Each metric per category ("<metric>/<category>") and overall: the unweighted mean of the
+    category means, as GenEval's overall score (the plain mean when no row has a category)."""
+    cats = [getattr(p, "category", "") for p in rows]
+    order = list(dict.fromkeys(c for c in cats if c))
+    out: dict[str, float] = {}
+    for name, values in per_image.items():
+        if len(values) != len(rows):
+            raise ValueError(f"{name}: {len(values)} values but {len(rows)} rows")
+        means = []
+        for c in order:
+            mask = torch.tensor([x == c for x in cats])
+            out[f"{name}/{c}"] = values[mask].mean().item()
+            means.append(out[f"{name}/{c}"])
+        out[name] = sum(means) / len(means) if means else values.mean().item()
+    return out
+
+
+def evaluate_prompts(policy, prompts, scorer, cfg, cfg_scale: float = 1.0, samples: int = 1):
+    """(scores dict, rows, reasoning texts, images) of a prompt set at one CFG scale."""
+    rows, texts, images = generate_eval(policy, prompts, cfg, cfg_scale, samples)
+    return summarize(score(scorer, images, rows), rows), rows, texts, images
+
+
+@torch.no_grad()
+def evaluate(policy, cfg, n_per_category: int, cfg_scale: float = 1.0):
+    """The toy world's held-out prompts, with the toy-only measures.
+    Returns (scores dict, prompts, reasoning texts, images in [0, 1])."""
+    prompts = toy.prompts("eval", n_per_category, seed=cfg.seed + 12345)
+    result, prompts, texts, images = evaluate_prompts(policy, prompts, toy.ToyReward(), cfg, cfg_scale)
     plans = toy.summarize(toy.score_plans(texts, prompts), prompts)
     result.update({k.replace("accuracy", "plan_validity"): v for k, v in plans.items()
                    if k.startswith("accuracy")})
@@ -69,42 +113,59 @@ def background_noise(images: torch.Tensor) -> float:
     return (peak * dark).sum().item() / max(int(dark.sum()), 1)
 
 
-def evaluate_stage(policy, cfg, run_dir: Path, stage: str, summary: dict, log):
-    """Held-out evaluation of one stage ("before" / "after" RL): scores into summary, a PNG grid,
-    one log line."""
-    if cfg.eval_per_category == 0:
+def evaluate_stage(policy, cfg, run_dir: Path, stage: str, summary: dict, log, prompts=None, scorer=None):
+    """Evaluation of one stage ("before" / "after" RL, "eval") at each scale of eval_cfg: the toy's
+    held-out set (eval_per_category), or `prompts` scored by `scorer`. summary[stage] holds the first
+    scale, summary["by_cfg"][stage][scale] every scale; grid_<stage>.png shows the first,
+    grid_<stage>_cfg<scale>.png the others; a log line per scale."""
+    toy_world = cfg.model == "toy"
+    if (toy_world and cfg.eval_per_category == 0) or (not toy_world and not prompts):
         return
-    t0 = time.time()
-    result, prompts, texts, images = evaluate(policy, cfg, cfg.eval_per_category)
+    if not toy_world and cfg.eval_limit:
+        prompts = prompts[:cfg.eval_limit]
+    t0, results = time.time(), {}
+    for i, s in enumerate(cfg.eval_cfg):
+        if toy_world:
+            scorer = toy.ToyReward()
+            result, rows, texts, images = evaluate(policy, cfg, cfg.eval_per_category, cfg_scale=s)
+        else:
+            result, rows, texts, images = evaluate_prompts(policy, prompts, scorer, cfg, s, cfg.eval_samples)
+        results[f"{s:g}"] = result
+        name = f"grid_{stage}.png" if i == 0 else f"grid_{stage}_cfg{s:g}.png"
+        save_grid(run_dir / name, rows, texts, images, f"{stage} RL, CFG {s:g}", scorer)
+        shown = "  ".join(f"{k.replace('_', ' ')} {result[k]:.3f}" for k in
+                          ("ta", "accuracy", "reward", "plan_validity", "plan_following") if k in result)
+        log(f"{stage:>6}: {shown}  (CFG {s:g}, {len(rows)} images)")
     summary["seconds"][f"eval_{stage}"] = time.time() - t0
-    summary[stage] = result
-    save_grid(run_dir / f"grid_{stage}.png", prompts, texts, images, cfg.eval_per_category,
-              f"{stage} RL")
-    log(f"{stage:>6} RL: TA {result['ta']:.3f}  accuracy {result['accuracy']:.3f}  "
-        f"plan validity {result['plan_validity']:.3f}  "
-        f"plan following {result['plan_following']:.3f}  "
-        f"({len(prompts)} held-out prompts)")
+    summary[stage] = next(iter(results.values()))
+    summary.setdefault("by_cfg", {})[stage] = results
 
 
-def save_grid(path: Path, prompts, texts, images, per_category: int, title: str, per_row=3):
-    """A PNG of a fixed slice of the evaluation set (two prompts per category): image, prompt,
-    reasoning, verdict."""
+def save_grid(path: Path, rows, texts, images, title: str, scorer, per_row=3):
+    """A PNG of a fixed slice of the evaluation set (the first two rows of each category, or the first
+    twelve rows): image, verdict or reward, prompt, reasoning."""
     from PIL import Image, ImageDraw
-    pick = [c * per_category + j for c in range(len(prompts) // per_category)
-            for j in range(min(2, per_category))]
-    scores = toy.score_images(images[pick], [prompts[i] for i in pick])
-    cell_w, img_px, rows = 300, 96, -(-len(pick) // per_row)
-    canvas = Image.new("RGB", (cell_w * per_row, 20 + rows * (img_px + 52)), "white")
+    cats = [getattr(p, "category", "") for p in rows]
+    pick = ([i for c in dict.fromkeys(cats) for i in [j for j, x in enumerate(cats) if x == c][:2]]
+            if all(cats) else list(range(min(12, len(rows)))))
+    per_image = score(scorer, images[pick], [rows[i] for i in pick])
+    cell_w, img_px, n_rows = 300, 96, -(-len(pick) // per_row)
+    canvas = Image.new("RGB", (cell_w * per_row, 20 + n_rows * (img_px + 52)), "white")
     d = ImageDraw.Draw(canvas)
     d.text((4, 4), title, fill="black")
+    small = images.shape[-1] <= img_px
     for j, i in enumerate(pick):
         x, y = (j % per_row) * cell_w, 20 + (j // per_row) * (img_px + 52)
         arr = (images[i].permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()
-        canvas.paste(Image.fromarray(arr).resize((img_px, img_px), Image.NEAREST), (x + 4, y))
-        ok = bool(scores.all_correct[j])
-        d.text((x + img_px + 8, y), ("OK " if ok else "X ") + f"{scores.points[j]:.2f}",
-               fill="green" if ok else "red")
-        d.text((x + img_px + 8, y + 14), _wrap(prompts[i].text, 28), fill="black")
+        pic = Image.fromarray(arr).resize((img_px, img_px), Image.NEAREST if small else Image.BICUBIC)
+        canvas.paste(pic, (x + 4, y))
+        if "accuracy" in per_image:
+            ok = bool(per_image["accuracy"][j])
+            verdict, colour = ("OK " if ok else "X ") + f"{per_image['ta'][j]:.2f}", "green" if ok else "red"
+        else:
+            verdict, colour = f"reward {per_image['reward'][j]:.3f}", "black"
+        d.text((x + img_px + 8, y), verdict, fill=colour)
+        d.text((x + img_px + 8, y + 14), _wrap(rows[i].text, 28), fill="black")
         d.text((x + 4, y + img_px + 2), _wrap(texts[i], 46), fill="gray")
     canvas.save(path)
 

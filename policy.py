@@ -56,6 +56,16 @@ class Thoughts:
         rows = (x[idx] for x in (self.prompt_ids, self.prompt_mask, self.ids, self.mask, self.logp))
         return Thoughts(*rows, [self.texts[i] for i in idx.tolist()])
 
+    @staticmethod
+    def cat(parts: list[Thoughts]) -> Thoughts:
+        """Rows of several Thoughts, each width right-padded to the widest (masked slots are never read)."""
+        def pad(name, value):
+            xs = [getattr(p, name) for p in parts]
+            width = max(x.shape[1] for x in xs)
+            return torch.cat([nn.functional.pad(x, (0, width - x.shape[1]), value=value) for x in xs])
+        return Thoughts(pad("prompt_ids", 0), pad("prompt_mask", False), pad("ids", 0), pad("mask", False),
+                        pad("logp", 0.0), [t for p in parts for t in p.texts])
+
 
 @dataclass
 class Context:

@@ -71,6 +71,13 @@ class Trajectory:
     t_next: torch.Tensor    # (K,)
     window: tuple           # K step indices into the grid
 
+    @staticmethod
+    def cat(parts: list["Trajectory"]) -> "Trajectory":
+        """Rows of several trajectories on the same grid and window."""
+        rows = ("x_0", "x_t", "x_next", "mean", "std", "log_prob")
+        return Trajectory(**{k: torch.cat([getattr(p, k) for p in parts]) for k in rows},
+                          t=parts[0].t, t_next=parts[0].t_next, window=parts[0].window)
+
 
 def timesteps(num_steps, shift=3.0):
     """Shifted grid t' = s*t / (1 + (s - 1)*t) of linspace(1, 0, num_steps + 1), float32 as Bagel,

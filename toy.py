@@ -597,3 +597,8 @@ class ToyReward:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         return score_images(images, prompts).points
+
+    def scores(self, images: torch.Tensor, prompts: Sequence[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(TA-style points (R,), all correct (R,)): the verdicts evaluation reports."""
+        s = score_images(images, prompts)
+        return s.points, s.all_correct

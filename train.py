@@ -3,13 +3,17 @@
     python train.py --toy                      # SFT warm-up + UniGRPO on the toy world, laptop CPU
     python train.py --toy --train_parts=image  # any Config field: --key=value (python train.py --help)
     python train.py --toy --resume             # continue a killed run exactly (--overwrite: start over)
-    python train.py --bagel --model=/path/to/BAGEL-7B-MoT   # checks the checkpoint; reward models next
+    python train.py --bagel --model=/path/to/BAGEL-7B-MoT --prompts=train.txt --reward=clip:/path/to/clip
+    python train.py --bagel --model=runs/bagel/model --eval_only --eval_prompts=evaluation_metadata.jsonl \
+        --reward=geneval:/path/to/geneval --eval_cfg=1,4   # evaluate a folder, with and without CFG
 
 main() reads as a handful of named calls at every scale: the algorithm is in unigrpo.py, the equations in
 losses.py and sampler.py, the model in model.py, the config in config.py, checkpoints in checkpoint.py, the
-toy world in toy.py and its base policy in toy_policy.py, evaluation in evaluate.py.
-Artifacts in <out_dir>/<name>/: metrics.jsonl, grid_before.png / grid_after.png, reward_curve.png,
-summary.json, ckpt.pt (atomic; `--resume` continues exactly where it stopped).
+toy world in toy.py and its base policy in toy_policy.py, prompt files in prompts.py, reward models in
+reward.py (GenEval's rules in geneval.py), evaluation in evaluate.py.
+Artifacts in <out_dir>/<name>/: metrics.jsonl, grid_before.png / grid_after.png (more CFG scales:
+grid_<stage>_cfg<s>.png), reward_curve.png, summary.json, ckpt.pt (atomic; `--resume` continues exactly where
+it stopped), model/ (--bagel: the trained policy in the official layout).
 """
 from __future__ import annotations
 
@@ -25,9 +29,15 @@ from tqdm import tqdm
 import checkpoint
 import config
 import evaluate
+import prompts
+import reward
 import toy
 import toy_policy
 import unigrpo
+
+
+# metrics that measure the machine, not the algorithm: they differ between two runs of the same config
+TIMING = ("step_time", "rollout_time", "images_per_s", "peak_mem_gb")
 
 
 def build_policy(cfg, start=None):
@@ -43,10 +53,55 @@ def build_policy(cfg, start=None):
 
 
 def build_reward(cfg):
+    """The toy world's exact verifier, or the reward models of --reward (loaded from local folders)."""
     if cfg.model == "toy":
         return toy.ToyReward()
-    raise SystemExit(f"error: --model={cfg.model} is a readable checkpoint, but real reward models for "
-                     f"--bagel are not wired yet (README, 'BAGEL-7B-MoT')")
+    return reward.build_reward(cfg.reward, device=cfg.device, batch_size=cfg.reward_batch)
+
+
+def read_inputs(cfg, eval_only: bool):
+    """(train prompts, eval prompts) of a checkpoint run, after checking the files and the --reward
+    spec, before any model is loaded; (None, None) for the toy, which draws its own."""
+    if cfg.model == "toy":
+        if eval_only:
+            raise SystemExit("error: --eval_only evaluates a checkpoint folder: --bagel --model=FOLDER")
+        return None, None
+    try:
+        if cfg.reward == "toy":
+            raise ValueError("--reward=toy is the toy world's verifier: a checkpoint needs "
+                             "--reward=kind:folder[@weight],... (kinds: " + ", ".join(reward.KINDS) + ")")
+        specs = reward.parse_reward_spec(cfg.reward)
+        reward.check_reward_spec(specs)
+        if eval_only and not cfg.eval_prompts:
+            raise ValueError("--eval_only needs --eval_prompts=FILE")
+        if not eval_only and not cfg.prompts:
+            raise ValueError("--bagel needs --prompts=FILE (.txt one prompt a line, .jsonl, or GenEval's "
+                             "evaluation_metadata.jsonl)")
+        train_set = prompts.load_prompts(cfg.prompts) if cfg.prompts and not eval_only else None
+        eval_set = prompts.load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
+        if reward.needs_metadata(specs):
+            for path, rows in ((cfg.prompts, train_set), (cfg.eval_prompts, eval_set)):
+                message = rows and prompts.needs_metadata_error(rows, path)
+                if message:
+                    raise ValueError(message)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return train_set, eval_set
+
+
+def train_batch(cfg, train_set, step: int) -> list:
+    """The prompts of RL step `step`: the toy world's stream, or the seeded epochs of --prompts."""
+    if train_set is None:
+        return toy.train_prompts(cfg.seed, step, cfg.prompts_per_step)
+    return prompts.batch(train_set, cfg.seed, step, cfg.prompts_per_step)
+
+
+def peak_memory_gb(device) -> float:
+    """Peak accelerator memory of this process (CUDA), else its peak resident host memory."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20       # Linux: KiB
 
 
 def check_fits(policy, cfg):
@@ -73,12 +128,21 @@ def main(argv=None):
     if cfg.model != "toy":
         try:                                             # a bad folder fails before anything else
             checkpoint.check_pretrained_folder(cfg.model)
+            if cfg.image_hw == (0, 0):
+                largest = checkpoint.config_from_folder(cfg.model).image_hw
+                cfg = dataclasses.replace(cfg, image_hw=tuple(largest))
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"error: --model={cfg.model}: {e}") from None
-    reward_fn = build_reward(cfg)
+    train_set, eval_set = read_inputs(cfg, args.eval_only)
+    try:
+        reward_fn = build_reward(cfg)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --reward={cfg.reward}: {e}") from None
     with checkpoint.run_folder(Path(cfg.out_dir) / cfg.name, args.resume, args.overwrite) as run_dir:
         try:
-            return run(cfg, run_dir, args.resume, reward_fn)
+            if args.eval_only:
+                return evaluate_only(cfg, run_dir, reward_fn, eval_set)
+            return run(cfg, run_dir, args.resume, reward_fn, train_set=train_set, eval_set=eval_set)
         except checkpoint.CorruptFile as e:
             raise SystemExit(f"error: {e}") from None
         except FloatingPointError as e:
@@ -87,7 +151,23 @@ def main(argv=None):
             raise SystemExit(f"error: {e}; the run stopped, {kept}") from None
 
 
-def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print) -> dict:
+def write_summary(run_dir: Path, summary: dict):
+    text = json.dumps(summary, indent=1)
+    checkpoint.atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def evaluate_only(cfg, run_dir: Path, reward_fn, eval_set, log=print) -> dict:
+    """--eval_only: the policy of --model on --eval_prompts at each CFG scale; summary.json and grids."""
+    summary = {"config": dataclasses.asdict(cfg), "seconds": {}}
+    policy = build_policy(cfg)
+    check_fits(policy, cfg)
+    evaluate.evaluate_stage(policy, cfg, run_dir, "eval", summary, log, eval_set, reward_fn)
+    write_summary(run_dir, summary)
+    log(f"artifacts in {run_dir}/")
+    return summary
+
+
+def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print, train_set=None, eval_set=None) -> dict:
     ckpt, metrics = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
     state = checkpoint.load_training(ckpt) if resume and ckpt.exists() else None
     if state is not None:
@@ -102,7 +182,7 @@ def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print) -> dict:
     if state is not None and set(state["policy"]) != set(policy.state_dict()):
         raise SystemExit(f"error: {ckpt} holds the weights of another model; --overwrite starts over")
     summary["seconds"]["sft"] = toy_policy.sft(policy, cfg, Path(cfg.out_dir) / "sft-cache", log)
-    evaluate.evaluate_stage(policy, cfg, run_dir, "before", summary, log)
+    evaluate.evaluate_stage(policy, cfg, run_dir, "before", summary, log, eval_set, reward_fn)
 
     ref, ref_id = None, None                             # theta_ref: the policy RL starts from
     if unigrpo.needs_reference(cfg):
@@ -127,25 +207,28 @@ def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print) -> dict:
     t0 = time.time()
     for step in (bar := tqdm(range(start, cfg.rl_steps), desc="UniGRPO", dynamic_ncols=True, disable=None)):
         ts = time.time()
-        prompts = toy.train_prompts(cfg.seed, step, cfg.prompts_per_step)
         try:
-            ro = unigrpo.rollout(policy, prompts, reward_fn, cfg, gen)
+            ro = unigrpo.rollout(policy, train_batch(cfg, train_set, step), reward_fn, cfg, gen)
+            tr = time.time()
             stats = unigrpo.update(policy, ref, opt, ro, cfg, gen)
         except FloatingPointError as e:
             raise FloatingPointError(f"RL step {step}: {e}") from None
+        te = time.time()
         record = {"step": step, **unigrpo.rollout_stats(ro, cfg.group_size), **stats,
-                  "step_time": time.time() - ts}
+                  "step_time": te - ts, "rollout_time": tr - ts, "images_per_s": len(ro.rewards) / (tr - ts),
+                  "peak_mem_gb": peak_memory_gb(cfg.device)}
         log_jsonl(metrics, record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.rl_steps:
             checkpoint.save_training(ckpt, step + 1, policy, opt, gen, cfg, ref_id)
     summary["seconds"]["rl"] = time.time() - t0
 
-    evaluate.evaluate_stage(policy, cfg, run_dir, "after", summary, log)
+    evaluate.evaluate_stage(policy, cfg, run_dir, "after", summary, log, eval_set, reward_fn)
     if metrics.exists() and metrics.stat().st_size:
         evaluate.plot_curve(run_dir / "reward_curve.png", metrics)
-    text = json.dumps(summary, indent=1)
-    checkpoint.atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
+    if cfg.save_model and cfg.model != "toy":
+        checkpoint.save_pretrained(policy, run_dir / "model")
+    write_summary(run_dir, summary)
     log(f"artifacts in {run_dir}/")
     return summary
 

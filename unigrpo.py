@@ -94,10 +94,19 @@ def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), tempera
 
 @torch.no_grad()
 def rollout(policy, prompts, reward_fn, cfg: Config, generator) -> Rollout:
-    """Sample G (reasoning, image) trajectories per prompt, score the images, and compute Eq. (1)."""
+    """Sample G (reasoning, image) trajectories per prompt, score the images, and compute Eq. (1).
+    Generation runs rollout_batch prompts at a time (0: all), all on one SDE window."""
     G = cfg.group_size
     window = sampler.sde_window(cfg.num_steps, cfg.window_start, cfg.window_size, generator=generator)
-    thoughts, traj, images = generate(policy, prompts, cfg, generator, n=G, window=window)
+    size = cfg.rollout_batch or len(prompts)
+    parts = [generate(policy, prompts[i:i + size], cfg, generator, n=G, window=window)
+             for i in range(0, len(prompts), size)]
+    if len(parts) == 1:
+        thoughts, traj, images = parts[0]
+    else:
+        thoughts = type(parts[0][0]).cat([p[0] for p in parts])
+        traj = sampler.Trajectory.cat([p[1] for p in parts])
+        images = torch.cat([p[2] for p in parts])
     rows = [p for p in prompts for _ in range(G)]
     rewards = reward_fn(images, rows).float().to(images.device)
     if not torch.isfinite(rewards).all():
@@ -175,20 +184,34 @@ def _velocities(policy, thoughts, x_t, t, uncond, cfg):
     return out
 
 
-def unified_objective(policy, ref, ro: Rollout, idx, cfg: Config, uncond=None):
+@torch.no_grad()
+def reference_outputs(ref, ro: Rollout, cfg: Config, uncond=None):
+    """theta_ref's token log-probs and window velocities at every row of a rollout, computed once
+    (in micro-batch or minibatch-sized chunks): the reference is frozen, so every epoch and minibatch
+    reads the same numbers. None when the update does not read the reference."""
+    if ref is None or not needs_reference(cfg):
+        return None
+    R = ro.rewards.shape[0]
+    size = cfg.micro_batch or R // cfg.minibatches
+    outs = [_velocities(ref, ro.thoughts.select(idx), ro.traj.x_t[idx], ro.traj.t,
+                        uncond.select(idx) if uncond is not None else None, cfg)
+            for idx in torch.arange(R, device=ro.rewards.device).split(size)]
+    return type(outs[0])(torch.cat([o.logp for o in outs]), torch.cat([o.v for o in outs]))
+
+
+def unified_objective(policy, ref_out, ro: Rollout, idx, cfg: Config, uncond=None):
     """Eq. (7) on one minibatch of rows idx: J_text (Eq. (2)) + lam * J_flow (Eq. (4), Eq. (5),
-    Eq. (6)) + w * reg (Eq. (8))."""
+    Eq. (6)) + w * reg (Eq. (8)). ref_out: reference_outputs of every row, or None."""
     th = ro.thoughts.select(idx)
     A = ro.advantages[idx]
     traj = ro.traj
     out = _velocities(policy, th, traj.x_t[idx], traj.t, uncond.select(idx) if uncond else None, cfg)
-    if ref is None and cfg.text_kl > 0:
-        raise ValueError("text_kl > 0 needs the frozen reference policy (ref)")
+    if ref_out is None and cfg.text_kl > 0:
+        raise ValueError("text_kl > 0 needs the frozen reference's outputs (reference_outputs)")
     flow_on, text_on = cfg.train_parts in ("both", "image"), cfg.train_parts in ("both", "text")
-    need_ref = ref is not None and needs_reference(cfg)
+    need_ref = ref_out is not None and needs_reference(cfg)
     if need_ref:
-        with torch.no_grad():
-            out_ref = _velocities(ref, th, traj.x_t[idx], traj.t, uncond.select(idx) if uncond else None, cfg)
+        out_ref = type(ref_out)(ref_out.logp[idx], ref_out.v[idx])
     stats, zero = {}, out.v.sum() * 0.0
 
     J_text = zero
@@ -224,18 +247,27 @@ def unified_objective(policy, ref, ro: Rollout, idx, cfg: Config, uncond=None):
 
 
 def update(policy, ref, optimizer, ro: Rollout, cfg: Config, generator) -> dict:
-    """The unified update: ppo_epochs passes over shuffled minibatches, one optimizer step each."""
+    """The unified update: ppo_epochs passes over shuffled minibatches, one optimizer step each; a
+    minibatch runs forward/backward micro_batch rows at a time (0: at once), each micro-batch's
+    objective weighted by its share of rows, so the gradient is the minibatch's."""
     policy.train()
     R = ro.rewards.shape[0]
     uncond = uncond_thoughts(policy, R) if cfg.cfg_scale != 1.0 else None
+    ref_out = reference_outputs(ref, ro, cfg, uncond)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     history = []
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(R, generator=generator, device=generator.device).to(ro.rewards.device)
         for idx in perm.chunk(cfg.minibatches):
-            J, stats = unified_objective(policy, ref, ro, idx, cfg, uncond)
             optimizer.zero_grad(set_to_none=True)
-            J.backward()
-            params = [p for g in optimizer.param_groups for p in g["params"]]
+            micro = idx.split(cfg.micro_batch) if cfg.micro_batch else (idx,)
+            stats = {}
+            for part in micro:
+                J, part_stats = unified_objective(policy, ref_out, ro, part, cfg, uncond)
+                share = len(part) / len(idx)
+                (J * share if len(micro) > 1 else J).backward()
+                for k, v in part_stats.items():
+                    stats[k] = stats.get(k, 0.0) + v * share
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
             for name in ("loss", "grad_norm"):
                 if not math.isfinite(stats[name]):   # a NaN step would poison every later one

@@ -32,7 +32,7 @@ VARIANTS = {  # name: (the table's label, flags)
                       ["--regulariser=latent_kl", "--reg_weight=0.04"]),
     "reg_none": ("reg_none (no regulariser)", ["--regulariser=none"]),
     "text_kl": ("text_kl (`--text_kl=0.05`)", ["--text_kl=0.05"]),
-    "cfg_rollouts": ("cfg_rollouts (CFG 3 in rollouts and evaluation)", ["--cfg_scale=3.0"]),
+    "cfg_rollouts": ("cfg_rollouts (CFG 3 in rollouts and evaluation)", ["--cfg_scale=3.0", "--eval_cfg=3"]),
     "no_thinking": ("no_thinking (image expert only, no reasoning)",
                     ["--think=false", "--train_parts=image"]),
 }

@@ -60,3 +60,16 @@ def spread_reward(monkeypatch):
     import train
     monkeypatch.setattr(train, "build_reward", lambda cfg: spread)
     return spread
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if a policy, a reward model or a processor is loaded: bad input must be reported
+    before any model work."""
+    import checkpoint
+    import reward
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+    for module, name in ((checkpoint, "from_pretrained"), (reward, "_load"), (reward, "_processor")):
+        monkeypatch.setattr(module, name, refuse)

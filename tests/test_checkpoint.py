@@ -38,8 +38,8 @@ class Evil:
         return os.mkdir, (self.marker,)
 
 
-def drop_step_time(path):
-    return [{k: v for k, v in json.loads(line).items() if k != "step_time"}
+def drop_timing(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in train.TIMING}
             for line in path.read_text().splitlines()]
 
 
@@ -157,7 +157,7 @@ def test_a_rerun_without_resume_refuses_and_deletes_nothing(tmp_path, smoke):
         train.main(args)
     assert {f: (run / f).read_bytes() for f in files} == files
     train.main(args + ["--overwrite", "--rl_steps=1"])                  # asked for: starts over
-    assert [r["step"] for r in drop_step_time(run / "metrics.jsonl")] == [0]
+    assert [r["step"] for r in drop_timing(run / "metrics.jsonl")] == [0]
 
 
 def test_a_run_folder_is_held_by_one_process(tmp_path, smoke):
@@ -208,7 +208,7 @@ def test_a_moved_run_folder_resumes_exactly(tmp_path, smoke, spread_reward):
     train.main(smoke + [f"--out_dir={full}", "--name=r", "--rl_steps=4"])
     shutil.move(str(a), str(b))
     train.main(smoke + [f"--out_dir={b}", "--name=r", "--rl_steps=4", "--resume"])
-    assert drop_step_time(b / "r" / "metrics.jsonl") == drop_step_time(full / "r" / "metrics.jsonl")
+    assert drop_timing(b / "r" / "metrics.jsonl") == drop_timing(full / "r" / "metrics.jsonl")
 
 
 def test_resume_tolerates_a_field_added_since_at_its_default(tmp_path, smoke, spread_reward):
@@ -243,8 +243,8 @@ def test_kill_9_then_resume_is_exact(tmp_path, smoke, spread_reward):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     train.main(args + [f"--out_dir={tmp_path}", "--name=k", "--resume"])
-    assert drop_step_time(metrics) == drop_step_time(tmp_path / "full" / "metrics.jsonl")
-    assert all(r["grad_norm"] > 0 for r in drop_step_time(metrics))
+    assert drop_timing(metrics) == drop_timing(tmp_path / "full" / "metrics.jsonl")
+    assert all(r["grad_norm"] > 0 for r in drop_timing(metrics))
     a = checkpoint.load_training(tmp_path / "full" / "ckpt.pt")["policy"]
     b = checkpoint.load_training(tmp_path / "k" / "ckpt.pt")["policy"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -282,9 +282,9 @@ def test_sizes_that_do_not_fit_the_model_stop_before_the_sft(tmp_path, smoke, fl
     assert not (tmp_path / "sft-cache").exists()
 
 
-def test_bagel_with_a_good_folder_stops_at_the_reward_with_a_message(tmp_path):
+def test_bagel_with_a_good_folder_and_no_reward_stops_with_a_message(tmp_path):
     args = ["--bagel", f"--model={FIX}", "--device=cpu", f"--out_dir={tmp_path}"]
-    with pytest.raises(SystemExit, match="not wired yet"):
+    with pytest.raises(SystemExit, match="--reward is empty"):
         train.main(args)
     assert not (tmp_path / "bagel").exists()
     folder = Path(shutil.copytree(FIX, tmp_path / "m"))

@@ -25,7 +25,7 @@ def test_toy_smoke_run_writes_every_artifact(tmp_path, smoke):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for key in ("reward_mean", "reward_std", "zero_spread_groups", "clip_frac_flow", "ratio_mean",
-                "regulariser", "reasoning_len", "step_time"):
+                "regulariser", "reasoning_len", *train.TIMING):
         assert key in rows[0], key
     on_disk = json.loads((run / "summary.json").read_text())
     for stage in ("before", "after"):
@@ -61,7 +61,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, smoke, monkeypatc
     monkeypatch.setattr(unigrpo, "update", real_update)
     train.main(args + ["--name=killed", "--resume"])
     resumed = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    drop = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "step_time"} for r in rows]
+    drop = lambda rows: [{k: v for k, v in json.loads(r).items() if k not in train.TIMING} for r in rows]
     assert drop(resumed) == drop(full)
     assert all(json.loads(r)["grad_norm"] > 0 for r in full)     # the steps really moved
 

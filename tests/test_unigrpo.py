@@ -84,7 +84,7 @@ def test_text_and_image_actions_share_the_trajectory_advantage(policy, monkeypat
     monkeypatch.setattr(losses, "flow_grpo_loss", spy("flow", losses.flow_grpo_loss, 1))
     idx = torch.tensor([5, 0, 3])
     ref = unigrpo.reference_policy(lambda: reference_of(policy))
-    unigrpo.unified_objective(policy, ref, ro, idx, cfg)
+    unigrpo.unified_objective(policy, unigrpo.reference_outputs(ref, ro, cfg), ro, idx, cfg)
     torch.testing.assert_close(seen["text"], ro.advantages[idx])
     torch.testing.assert_close(seen["flow"], ro.advantages[idx])
 
@@ -180,3 +180,79 @@ def test_sft_loss_is_plan_ce_plus_weighted_flow_mse(policy):
         ctx = pol.context(pol.thoughts_from_text([p.text for p in prompts], plans))
         v = pol.velocity((1 - t)[:, None, None] * x_0 + t[:, None, None] * eps, t, ctx)
     assert st1["sft_mse"] == pytest.approx(((v - (eps - x_0)) ** 2).mean().item(), rel=1e-4)
+
+
+def _ramp_rollout(policy, cfg, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    prompts = toy.train_prompts(cfg.seed, 1, cfg.prompts_per_step)
+    ramp = torch.linspace(0, 1, cfg.prompts_per_step * cfg.group_size)
+    return unigrpo.rollout(policy, prompts, lambda imgs, ps: ramp[:len(ps)], cfg, g)
+
+
+def test_reference_outputs_once_per_rollout_equal_the_per_minibatch_ones(policy, monkeypatch):
+    """Eq. (8)'s reference velocities (and its log-probs) come from one pass over the rollout, however
+    many epochs and minibatches read them, and equal what a per-minibatch pass would give."""
+    cfg = small_cfg(ppo_epochs=2, minibatches=2, text_kl=0.1)
+    ro = _ramp_rollout(policy, cfg)
+    ref = unigrpo.reference_policy(lambda: reference_of(policy))
+    out = unigrpo.reference_outputs(ref, ro, cfg)
+    for idx in (torch.tensor([6, 1, 3]), torch.arange(8)):
+        with torch.no_grad():
+            direct = ref.train_forward(ro.thoughts.select(idx), ro.traj.x_t[idx], ro.traj.t)
+        # fp32 rounding differs with the batch's padded width; a wrong row would differ by O(1)
+        torch.testing.assert_close(out.v[idx], direct.v, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(out.logp[idx], direct.logp, atol=2e-5, rtol=1e-4)
+    calls = {"ref": 0}
+    real = ref.train_forward
+
+    def counted(*a, **k):
+        calls["ref"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(ref, "train_forward", counted)
+    net = reference_of(policy)                         # a copy: the module's policy stays as it is
+    unigrpo.update(net, ref, unigrpo.make_optimizer(net, cfg), ro, cfg, torch.Generator().manual_seed(1))
+    assert calls["ref"] == cfg.minibatches           # R // minibatches rows a chunk, once: not epochs x
+    assert unigrpo.reference_outputs(ref, ro, small_cfg(regulariser="none")) is None
+
+
+def test_micro_batches_give_the_minibatch_gradient(policy):
+    """Gradient accumulation over micro-batches, each weighted by its share of rows, is the gradient of
+    the whole minibatch (every reduction of Eq. (7) here is a mean over rows)."""
+    cfg = small_cfg(minibatches=1, lr_reasoning=1e-3, lr_denoising=1e-3, clip_flow=0.2)
+    ro = _ramp_rollout(policy, cfg)
+    ref = unigrpo.reference_policy(lambda: reference_of(policy))
+
+    def grads_after(micro):
+        net = reference_of(policy).train()
+        run = dataclasses.replace(cfg, micro_batch=micro)
+        opt = unigrpo.make_optimizer(net, run)
+        captured = {}
+        opt.step = lambda: captured.update({n: p.grad.clone() for n, p in net.named_parameters()
+                                            if p.grad is not None})
+        stats = unigrpo.update(net, ref, opt, ro, run, torch.Generator().manual_seed(4))
+        return captured, stats
+
+    whole, s_whole = grads_after(0)
+    split, s_split = grads_after(3)                  # 8 rows: micro-batches of 3, 3, 2
+    assert whole.keys() == split.keys() and len(whole) > 10
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert s_split["loss"] == pytest.approx(s_whole["loss"], rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError, match="micro_batch"):
+        small_cfg(micro_batch=2, text_reduction="dapo")
+
+
+def test_rollout_in_prompt_chunks_keeps_groups_and_shapes(policy):
+    """rollout_batch generates a few prompts at a time: the rows stay group-contiguous, the chunks
+    are padded to one width, and the update reads the result on-policy."""
+    cfg = small_cfg(prompts_per_step=3, group_size=2, minibatches=1, rollout_batch=2)
+    ro = _ramp_rollout(policy, cfg)
+    R = cfg.prompts_per_step * cfg.group_size
+    assert ro.thoughts.ids.shape[0] == R == ro.traj.x_t.shape[0] == ro.images.shape[0]
+    assert [p.text for p in ro.prompts] == [p.text for p in ro.prompts[::2] for _ in range(2)]
+    with torch.no_grad():
+        out = policy.train_forward(ro.thoughts, ro.traj.x_t, ro.traj.t)
+    lr = losses.log_ratio(out.logp, ro.thoughts.logp)[ro.thoughts.mask]
+    assert ro.thoughts.mask.any() and lr.abs().max() < 1e-4
+    new = unigrpo.window_step(ro.traj, torch.arange(R), out.v, cfg)
+    assert losses.log_ratio(new.log_prob, ro.traj.log_prob).abs().max() < 1e-4
