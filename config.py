@@ -59,6 +59,8 @@ class Config:
                             resume_may_change=True)
     reward: str = arg("data", "toy", "'toy' (the exact verifier) or kind:folder[@weight],... with kind clip, "
                                      "pickscore, vlm or geneval")
+    eval_reward: str = arg("data", "", "the evaluation's scorer, as --reward (e.g. geneval:FOLDER while "
+                                       "training on vlm); empty: the training reward", resume_may_change=True)
     reward_batch: int = arg("data", 16, "images per reward-model call", resume_may_change=True)
     eval_cfg: tuple = arg("data", (1.0,), "text-CFG scales of the evaluation, e.g. 1,4 (1: no CFG)",
                           resume_may_change=True)
@@ -192,9 +194,9 @@ class Config:
             raise ValueError(f"sft_steps={self.sft_steps}: the SFT warm-up trains on the toy world's "
                              f"data; use --sft_steps=0 with a checkpoint")
         toy = self.model == "toy"
-        if toy and (self.reward != "toy" or self.prompts or self.eval_prompts):
+        if toy and (self.reward != "toy" or self.eval_reward or self.prompts or self.eval_prompts):
             raise ValueError("the toy world scores with its own verifier (reward='toy') and draws its own "
-                             "prompts; --reward, --prompts and --eval_prompts are for --bagel")
+                             "prompts; --reward, --eval_reward, --prompts and --eval_prompts are for --bagel")
         if self.train_parts == "text" and not self.think:
             raise ValueError("train_parts='text' with think=False leaves nothing to train")
         if (self.prompts_per_step * self.group_size) % self.minibatches:

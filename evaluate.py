@@ -39,11 +39,17 @@ def generate_eval(policy, prompts, cfg, cfg_scale: float, samples: int = 1):
 
 def score(scorer, images: torch.Tensor, rows) -> dict[str, torch.Tensor]:
     """Per-image numbers: {"ta", "accuracy"} from a scorer with verdicts (`scores(images, rows) ->
-    (points, all correct)`), else {"reward"}."""
-    if hasattr(scorer, "scores"):
-        points, correct = scorer.scores(images, rows)
-        return {"ta": points.float(), "accuracy": correct.float()}
-    return {"reward": scorer(images, rows).float()}
+    (points, all correct)`: the toy verifier, geneval), else {"reward"}; a weighted sum reports its
+    {"reward"} and the verdicts of its first part that has them."""
+    judges = [scorer] if hasattr(scorer, "scores") else [
+        model for _, model in getattr(scorer, "parts", ()) if hasattr(model, "scores")]
+    out = {} if judges else {"reward": scorer(images, rows).float()}
+    if judges and judges[0] is not scorer:
+        out["reward"] = scorer(images, rows).float()
+    if judges:
+        points, correct = judges[0].scores(images, rows)
+        out.update(ta=points.float(), accuracy=correct.float())
+    return out
 
 
 def summarize(per_image: dict[str, torch.Tensor], rows) -> dict[str, float]:

@@ -52,26 +52,36 @@ def build_policy(cfg, start=None):
     return policy
 
 
-def build_reward(cfg):
-    """The toy world's exact verifier, or the reward models of --reward (loaded from local folders)."""
+def build_reward(cfg, spec: str | None = None):
+    """The toy world's exact verifier, or the reward models of a --reward spec (default cfg.reward),
+    loaded from local folders."""
     if cfg.model == "toy":
         return toy.ToyReward()
-    return reward.build_reward(cfg.reward, device=cfg.device, batch_size=cfg.reward_batch)
+    return reward.build_reward(spec or cfg.reward, device=cfg.device, batch_size=cfg.reward_batch)
+
+
+def _checked_spec(text: str, flag: str) -> list:
+    if text == "toy":
+        raise ValueError(f"{flag}=toy is the toy world's verifier: a checkpoint needs "
+                         f"{flag}=kind:folder[@weight],... (kinds: {', '.join(reward.KINDS)})")
+    try:
+        specs = reward.parse_reward_spec(text)
+        reward.check_reward_spec(specs)
+    except ValueError as e:
+        raise ValueError(str(e) if flag == "--reward" else f"{flag}: {e}") from None
+    return specs
 
 
 def read_inputs(cfg, eval_only: bool):
-    """(train prompts, eval prompts) of a checkpoint run, after checking the files and the --reward
-    spec, before any model is loaded; (None, None) for the toy, which draws its own."""
+    """(train prompts, eval prompts) of a checkpoint run, after checking the files and the --reward /
+    --eval_reward specs, before any model is loaded; (None, None) for the toy, which draws its own."""
     if cfg.model == "toy":
         if eval_only:
             raise SystemExit("error: --eval_only evaluates a checkpoint folder: --bagel --model=FOLDER")
         return None, None
     try:
-        if cfg.reward == "toy":
-            raise ValueError("--reward=toy is the toy world's verifier: a checkpoint needs "
-                             "--reward=kind:folder[@weight],... (kinds: " + ", ".join(reward.KINDS) + ")")
-        specs = reward.parse_reward_spec(cfg.reward)
-        reward.check_reward_spec(specs)
+        train_specs = [] if eval_only and cfg.eval_reward else _checked_spec(cfg.reward, "--reward")
+        eval_specs = _checked_spec(cfg.eval_reward, "--eval_reward") if cfg.eval_reward else train_specs
         if eval_only and not cfg.eval_prompts:
             raise ValueError("--eval_only needs --eval_prompts=FILE")
         if not eval_only and not cfg.prompts:
@@ -79,11 +89,11 @@ def read_inputs(cfg, eval_only: bool):
                              "evaluation_metadata.jsonl)")
         train_set = prompts.load_prompts(cfg.prompts) if cfg.prompts and not eval_only else None
         eval_set = prompts.load_prompts(cfg.eval_prompts) if cfg.eval_prompts else None
-        if reward.needs_metadata(specs):
-            for path, rows in ((cfg.prompts, train_set), (cfg.eval_prompts, eval_set)):
-                message = rows and prompts.needs_metadata_error(rows, path)
-                if message:
-                    raise ValueError(message)
+        for path, rows, specs in ((cfg.prompts, train_set, train_specs),
+                                  (cfg.eval_prompts, eval_set, eval_specs)):
+            message = rows and reward.needs_metadata(specs) and prompts.needs_metadata_error(rows, path)
+            if message:
+                raise ValueError(message)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     return train_set, eval_set
@@ -135,14 +145,16 @@ def main(argv=None):
             raise SystemExit(f"error: --model={cfg.model}: {e}") from None
     train_set, eval_set = read_inputs(cfg, args.eval_only)
     try:
-        reward_fn = build_reward(cfg)
+        reward_fn = None if args.eval_only and cfg.eval_reward else build_reward(cfg)
+        eval_fn = build_reward(cfg, cfg.eval_reward) if cfg.eval_reward else reward_fn
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --reward={cfg.reward}: {e}") from None
+        raise SystemExit(f"error: --reward={cfg.reward} / --eval_reward={cfg.eval_reward}: {e}") from None
     with checkpoint.run_folder(Path(cfg.out_dir) / cfg.name, args.resume, args.overwrite) as run_dir:
         try:
             if args.eval_only:
-                return evaluate_only(cfg, run_dir, reward_fn, eval_set)
-            return run(cfg, run_dir, args.resume, reward_fn, train_set=train_set, eval_set=eval_set)
+                return evaluate_only(cfg, run_dir, eval_fn, eval_set)
+            return run(cfg, run_dir, args.resume, reward_fn, train_set=train_set, eval_set=eval_set,
+                       eval_fn=eval_fn)
         except checkpoint.CorruptFile as e:
             raise SystemExit(f"error: {e}") from None
         except FloatingPointError as e:
@@ -156,18 +168,22 @@ def write_summary(run_dir: Path, summary: dict):
     checkpoint.atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
 
 
-def evaluate_only(cfg, run_dir: Path, reward_fn, eval_set, log=print) -> dict:
+def evaluate_only(cfg, run_dir: Path, eval_fn, eval_set, log=print) -> dict:
     """--eval_only: the policy of --model on --eval_prompts at each CFG scale; summary.json and grids."""
     summary = {"config": dataclasses.asdict(cfg), "seconds": {}}
     policy = build_policy(cfg)
     check_fits(policy, cfg)
-    evaluate.evaluate_stage(policy, cfg, run_dir, "eval", summary, log, eval_set, reward_fn)
+    evaluate.evaluate_stage(policy, cfg, run_dir, "eval", summary, log, eval_set, eval_fn)
     write_summary(run_dir, summary)
     log(f"artifacts in {run_dir}/")
     return summary
 
 
-def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print, train_set=None, eval_set=None) -> dict:
+def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print, train_set=None, eval_set=None,
+        eval_fn=None) -> dict:
+    """SFT (toy), evaluation, UniGRPO steps with checkpoints, evaluation, artifacts. eval_fn scores the
+    evaluation (default: reward_fn)."""
+    eval_fn = eval_fn or reward_fn
     ckpt, metrics = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
     state = checkpoint.load_training(ckpt) if resume and ckpt.exists() else None
     if state is not None:
@@ -182,7 +198,7 @@ def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print, train_set=None, 
     if state is not None and set(state["policy"]) != set(policy.state_dict()):
         raise SystemExit(f"error: {ckpt} holds the weights of another model; --overwrite starts over")
     summary["seconds"]["sft"] = toy_policy.sft(policy, cfg, Path(cfg.out_dir) / "sft-cache", log)
-    evaluate.evaluate_stage(policy, cfg, run_dir, "before", summary, log, eval_set, reward_fn)
+    evaluate.evaluate_stage(policy, cfg, run_dir, "before", summary, log, eval_set, eval_fn)
 
     ref, ref_id = None, None                             # theta_ref: the policy RL starts from
     if unigrpo.needs_reference(cfg):
@@ -223,7 +239,7 @@ def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print, train_set=None, 
             checkpoint.save_training(ckpt, step + 1, policy, opt, gen, cfg, ref_id)
     summary["seconds"]["rl"] = time.time() - t0
 
-    evaluate.evaluate_stage(policy, cfg, run_dir, "after", summary, log, eval_set, reward_fn)
+    evaluate.evaluate_stage(policy, cfg, run_dir, "after", summary, log, eval_set, eval_fn)
     if metrics.exists() and metrics.stat().st_size:
         evaluate.plot_curve(run_dir / "reward_curve.png", metrics)
     if cfg.save_model and cfg.model != "toy":

@@ -44,9 +44,12 @@ def bagel_args(folders, out, rew, *extra):
 
 def test_bagel_clip_end_to_end_with_two_cfg_scales(folders, tmp_path):
     """The issue's command (sizes made small) trains two steps, evaluates before and after at CFG 1 and 4,
-    and writes metrics, grids, summary.json and the trained policy in the official layout."""
+    and writes metrics, grids, summary.json and the trained policy in the official layout. The evaluation
+    scores with PickScore's scaling of the same CLIP (the tiny CLIP's cosines are mostly below 0, which
+    CLIPScore clamps)."""
+    pick = f"--eval_reward=pickscore:{folders['clip']}"
     argv = bagel_args(folders, tmp_path, f"clip:{folders['clip']}", f"--eval_prompts={folders['tagged']}",
-                      "--eval_cfg=1,4", "--eval_limit=4")
+                      "--eval_cfg=1,4", "--eval_limit=4", pick)
     summary = train.main(argv)
     run = tmp_path / "bagel"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -59,6 +62,7 @@ def test_bagel_clip_end_to_end_with_two_cfg_scales(folders, tmp_path):
         both = summary["by_cfg"][stage]
         assert set(both) == {"1", "4"} and both["1"] == summary[stage]
         assert {"reward/single_object", "reward/two_object"} <= set(both["4"])
+        assert both["1"]["reward"] != both["4"]["reward"]                       # CFG changes the images
         assert (run / f"grid_{stage}.png").stat().st_size and (run / f"grid_{stage}_cfg4.png").stat().st_size
     assert json.loads((run / "summary.json").read_text())["by_cfg"] == summary["by_cfg"]
     trained = checkpoint.from_pretrained(run / "model", dtype=torch.float32)
@@ -69,9 +73,8 @@ def test_bagel_clip_end_to_end_with_two_cfg_scales(folders, tmp_path):
 
     # --eval_only on the exported folder reproduces the after-RL numbers of the run
     out = tmp_path / "ev"
-    again = train.main(["--bagel", f"--model={run / 'model'}", f"--reward=clip:{folders['clip']}",
-                        f"--eval_prompts={folders['tagged']}", "--eval_only", "--eval_cfg=1,4",
-                        "--eval_limit=4", f"--out_dir={out}", "--eval_steps=2"])
+    again = train.main(["--bagel", f"--model={run / 'model'}", pick, f"--eval_prompts={folders['tagged']}",
+                        "--eval_only", "--eval_cfg=1,4", "--eval_limit=4", f"--out_dir={out}", *SMALL])
     for s in ("1", "4"):
         for k, v in summary["by_cfg"]["after"][s].items():
             assert again["by_cfg"]["eval"][s][k] == pytest.approx(v, abs=1e-4), (s, k)
@@ -93,22 +96,23 @@ def test_evaluation_applies_each_cfg_scale(folders):
     assert (plain - guided).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["vlm", "geneval", "clip+vlm"])
+@pytest.mark.parametrize("kind", ["vlm", "geneval", "clip+vlm", "geneval+clip"])
 def test_bagel_runs_with_each_reward(folders, tmp_path, kind):
     kinds = kind.split("+")
     spec = f"{kind}:{folders[kind]}" if len(kinds) == 1 else ",".join(
         f"{k}:{folders[k]}@{w}" for k, w in zip(kinds, (0.5, 2.0)))
-    prompts = folders["tagged"] if kind == "geneval" else folders["train"]
+    prompts = folders["tagged"] if "geneval" in kinds else folders["train"]
     summary = train.main(bagel_args(folders, tmp_path, spec, f"--prompts={prompts}",
                                     f"--eval_prompts={folders['tagged']}", "--eval_cfg=1"))
     rows = [json.loads(line) for line in (tmp_path / "bagel" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["reward_mean"])) for r in rows)
     after = summary["after"]
-    if kind == "geneval":                      # verdicts: TA-style score and accuracy, per tag
+    if "geneval" in kinds:                     # verdicts: TA-style score and accuracy, per tag
         assert {"ta", "accuracy", "ta/position", "accuracy/color_attr"} <= set(after)
         assert 0 <= after["accuracy"] <= after["ta"] <= 1
     else:
-        assert "reward" in after and "ta" not in after
+        assert "ta" not in after
+    assert ("reward" in after) == (kind != "geneval")          # a sum also reports its own mean
 
 
 def test_a_resumed_bagel_run_equals_a_straight_one(folders, tmp_path):
@@ -124,6 +128,29 @@ def test_a_resumed_bagel_run_equals_a_straight_one(folders, tmp_path):
     rewards = [[json.loads(line)["reward_mean"] for line in open(tmp_path / x / "bagel" / "metrics.jsonl")]
                for x in "ab"]
     assert rewards[0] == rewards[1] and not (tmp_path / "a" / "bagel" / "model").exists()
+
+
+def test_an_eval_reward_judges_what_another_reward_trains(folders, tmp_path):
+    """The paper's setting: train on a VLM's judgement, evaluate with GenEval's rules; --eval_only with
+    only an --eval_reward."""
+    summary = train.main(bagel_args(folders, tmp_path, f"vlm:{folders['vlm']}",
+                                    f"--eval_reward=geneval:{folders['geneval']}",
+                                    f"--eval_prompts={folders['tagged']}", "--eval_cfg=1", "--rl_steps=1"))
+    after = summary["after"]
+    assert {"ta", "accuracy", "accuracy/counting"} <= set(after) and "reward" not in after
+    again = train.main(["--bagel", f"--model={tmp_path / 'bagel' / 'model'}", "--eval_only",
+                        f"--eval_reward=geneval:{folders['geneval']}", f"--eval_prompts={folders['tagged']}",
+                        "--eval_cfg=1", f"--out_dir={tmp_path / 'ev'}", *SMALL])
+    assert again["eval"] == pytest.approx(summary["after"], abs=1e-4)
+
+
+def test_bad_eval_reward_and_untagged_eval_prompts_stop_early(folders, tmp_path, no_model_loading):
+    clip = f"clip:{folders['clip']}"
+    message = _error(bagel_args(folders, tmp_path, clip, f"--eval_reward=dino:{tmp_path}"))
+    assert "--eval_reward" in message and "dino" in message
+    message = _error(bagel_args(folders, tmp_path, clip, f"--eval_reward=geneval:{folders['geneval']}",
+                                f"--eval_prompts={folders['train']}"))
+    assert "train.txt: prompt 1" in message
 
 
 def test_the_issue_command_line_runs_as_a_subprocess(folders, tmp_path):
