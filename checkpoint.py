@@ -214,14 +214,17 @@ def _load_tokenizer(folder: Path):
     return None
 
 
-def save_pretrained(policy: Policy, folder):
+def save_pretrained(policy: Policy, folder, max_shard_bytes: int | None = None):
     """Write the official layout (each file atomically); the tokenizer and the embed hook save their own
-    files; other files of the source folder (ae.safetensors, vit_config.json, ...) are copied."""
+    files; other files of the source folder (ae.safetensors, vit_config.json, ...) are copied.
+    max_shard_bytes: weights in shards `ema-0000i-of-0000n.safetensors` of at most that size (a tensor
+    larger than it gets a shard of its own) plus `ema.safetensors.index.json`, each shard copied to the
+    host only while it is written, so the host never holds a second full copy; None: one
+    `ema.safetensors`, as Bagel ships."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in policy.model.state_dict().items()}
-    state.update(policy.extra_state)
-    atomic_write(folder / "ema.safetensors", lambda p: save_file(state, p))
+    tensors = {**policy.model.state_dict(), **policy.extra_state}
+    _write_weights(folder, tensors, max_shard_bytes)
     llm, bag = config_to_json(policy.cfg)
     bag["visual_und"] = any(k.startswith("vit_model.") for k in policy.extra_state)
     src = policy.source_folder
@@ -240,6 +243,33 @@ def save_pretrained(policy: Policy, folder):
         for f in src.iterdir():
             if f.is_file() and f not in ours and not (folder / f.name).exists():
                 atomic_write(folder / f.name, lambda p, f=f: shutil.copyfile(f, p))
+
+
+def _write_weights(folder: Path, tensors: dict, max_shard_bytes: int | None):
+    """Weights of the official layout; weight files of an earlier export in `folder` are replaced (the
+    index goes last and is what makes a set of shards count)."""
+    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    shards: list[list[str]] = [[]]
+    for k in tensors:
+        if max_shard_bytes and shards[-1] and sum(sizes[j] for j in shards[-1]) + sizes[k] > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(k)
+    stale = [folder / "ema.safetensors", folder / "ema.safetensors.index.json",
+             *folder.glob("ema-*-of-*.safetensors")]
+    names = (["ema.safetensors"] if not max_shard_bytes else
+             [f"ema-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for f in stale:
+        if f.name not in names:
+            f.unlink(missing_ok=True)
+    for name, keys in zip(names, shards):
+        part = {k: tensors[k].detach().cpu().contiguous() for k in keys}
+        atomic_write(folder / name, lambda p, part=part: save_file(part, p))
+        del part
+    if max_shard_bytes:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        atomic_write(folder / "ema.safetensors.index.json",
+                     lambda p: Path(p).write_text(json.dumps(index, indent=2)))
 
 
 # ------------------------------------------------------------------------------ training checkpoints

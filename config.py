@@ -69,6 +69,9 @@ class Config:
     eval_limit: int = arg("data", 0, "evaluate the first N held-out prompts; 0: all", resume_may_change=True)
     save_model: bool = arg("data", True, "write the trained policy to <out_dir>/<name>/model (the official "
                                          "layout, readable by --model)", resume_may_change=True)
+    export_shard_gb: float = arg("data", 0.0, "largest weight file of that export, in GiB (shards with an "
+                                              "index); 0: one ema.safetensors, as Bagel ships",
+                                 resume_may_change=True)
     # rollout
     prompts_per_step: int = arg("rollout", 32, "B: prompts per RL step (paper: 32)")
     group_size: int = arg("rollout", 24, "G: reasoning chains, hence images, per prompt (paper: 24)")
@@ -155,7 +158,7 @@ class Config:
             raise ValueError(f"group_size={self.group_size}: group-relative advantages need at least "
                              f"2 samples")
         for key in ("lr_reasoning", "lr_denoising", "weight_decay", "sft_lr", "reg_weight", "text_kl",
-                    "lam", "temperature", "eval_temperature", "cfg_scale"):
+                    "lam", "temperature", "eval_temperature", "cfg_scale", "export_shard_gb"):
             _finite(key, getattr(self, key), lower=0.0)
         for key in ("grad_clip", "clip_text", "clip_flow", "shift", "sft_mse_weight", "noise_level"):
             _finite(key, getattr(self, key), lower=0.0, strict=True)

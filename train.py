@@ -243,7 +243,7 @@ def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print, train_set=None, 
     if metrics.exists() and metrics.stat().st_size:
         evaluate.plot_curve(run_dir / "reward_curve.png", metrics)
     if cfg.save_model and cfg.model != "toy":
-        checkpoint.save_pretrained(policy, run_dir / "model")
+        checkpoint.save_pretrained(policy, run_dir / "model", int(cfg.export_shard_gb * 2 ** 30) or None)
     write_summary(run_dir, summary)
     log(f"artifacts in {run_dir}/")
     return summary

@@ -49,7 +49,7 @@ def test_bagel_clip_end_to_end_with_two_cfg_scales(folders, tmp_path):
     CLIPScore clamps)."""
     pick = f"--eval_reward=pickscore:{folders['clip']}"
     argv = bagel_args(folders, tmp_path, f"clip:{folders['clip']}", f"--eval_prompts={folders['tagged']}",
-                      "--eval_cfg=1,4", "--eval_limit=4", pick)
+                      "--eval_cfg=1,4", "--eval_limit=4", pick, "--export_shard_gb=0.0002")
     summary = train.main(argv)
     run = tmp_path / "bagel"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -70,6 +70,7 @@ def test_bagel_clip_end_to_end_with_two_cfg_scales(folders, tmp_path):
     for k, v in trained.state_dict().items():
         torch.testing.assert_close(v, state[k])
     assert (run / "model" / "ae.safetensors").is_file() and (run / "model" / "tokenizer.json").is_file()
+    assert len(list((run / "model").glob("ema-*-of-*.safetensors"))) > 1                  # ~210 KB shards
 
     # --eval_only on the exported folder reproduces the after-RL numbers of the run
     out = tmp_path / "ev"

@@ -203,3 +203,29 @@ def test_image_size_errors_and_missing_codec(ckpt):
     assert pol.tokenizer is None
     with pytest.raises(ValueError, match="tokenizer"):
         pol.think(["1 2 3"], n=1, max_new_tokens=1)
+
+
+def test_sharded_export_streams_and_round_trips(ckpt, id_tokenizer, tmp_path, monkeypatch):
+    """save_pretrained(max_shard_bytes=...) writes size-capped shards and an index that from_pretrained
+    reads back; each shard is the only host copy while it is written; re-exporting replaces the files."""
+    pol = checkpoint.from_pretrained(ckpt, dtype=torch.float32, tokenizer=id_tokenizer)
+    state = pol.model.state_dict()
+    cap = 64 * 1024
+    written = []
+    real = checkpoint.save_file
+    monkeypatch.setattr(checkpoint, "save_file", lambda d, p: (written.append(d), real(d, p))[1])
+    out = tmp_path / "sharded"
+    checkpoint.save_pretrained(pol, out, max_shard_bytes=cap)
+    sizes = [sum(v.numel() * v.element_size() for v in d.values()) for d in written]
+    assert len(written) > 3 and all(s <= cap or len(d) == 1 for s, d in zip(sizes, written))
+    index = json.loads((out / "ema.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(sizes)
+    assert sorted(index["weight_map"]) == sorted({k for d in written for k in d})
+    assert not (out / "ema.safetensors").exists()
+    back = checkpoint.from_pretrained(out, dtype=torch.float32, tokenizer=id_tokenizer)
+    assert all(torch.equal(v, state[k]) for k, v in back.model.state_dict().items())
+    checkpoint.save_pretrained(back, out)                   # one file again: the shards and index go
+    assert (out / "ema.safetensors").is_file() and not list(out.glob("ema-*-of-*.safetensors"))
+    assert not (out / "ema.safetensors.index.json").exists()
+    again = checkpoint.from_pretrained(out, dtype=torch.float32, tokenizer=id_tokenizer)
+    assert all(torch.equal(v, state[k]) for k, v in again.model.state_dict().items())
