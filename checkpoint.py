@@ -250,10 +250,13 @@ def _write_weights(folder: Path, tensors: dict, max_shard_bytes: int | None):
     index goes last and is what makes a set of shards count)."""
     sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
     shards: list[list[str]] = [[]]
+    filled = 0
     for k in tensors:
-        if max_shard_bytes and shards[-1] and sum(sizes[j] for j in shards[-1]) + sizes[k] > max_shard_bytes:
+        if max_shard_bytes and shards[-1] and filled + sizes[k] > max_shard_bytes:
             shards.append([])
+            filled = 0
         shards[-1].append(k)
+        filled += sizes[k]
     stale = [folder / "ema.safetensors", folder / "ema.safetensors.index.json",
              *folder.glob("ema-*-of-*.safetensors")]
     names = (["ema.safetensors"] if not max_shard_bytes else

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+import reward
 import toy
 import unigrpo
 
@@ -40,40 +41,26 @@ def generate_eval(policy, prompts, cfg, cfg_scale: float, samples: int = 1):
 def score(scorer, images: torch.Tensor, rows) -> dict[str, torch.Tensor]:
     """Per-image numbers: {"ta", "accuracy"} from a scorer with verdicts (`scores(images, rows) ->
     (points, all correct)`: the toy verifier, geneval), else {"reward"}; a weighted sum reports its
-    {"reward"} and the verdicts of its first part that has them."""
-    judges = [scorer] if hasattr(scorer, "scores") else [
-        model for _, model in getattr(scorer, "parts", ()) if hasattr(model, "scores")]
-    out = {} if judges else {"reward": scorer(images, rows).float()}
-    if judges and judges[0] is not scorer:
-        out["reward"] = scorer(images, rows).float()
-    if judges:
-        points, correct = judges[0].scores(images, rows)
-        out.update(ta=points.float(), accuracy=correct.float())
-    return out
-
-
-def summarize(per_image: dict[str, torch.Tensor], rows) -> dict[str, float]:
-    """Each metric per category ("<metric>/<category>") and overall: the unweighted mean of the
-    category means, as GenEval's overall score (the plain mean when no row has a category)."""
-    cats = [getattr(p, "category", "") for p in rows]
-    order = list(dict.fromkeys(c for c in cats if c))
-    out: dict[str, float] = {}
-    for name, values in per_image.items():
-        if len(values) != len(rows):
-            raise ValueError(f"{name}: {len(values)} values but {len(rows)} rows")
-        means = []
-        for c in order:
-            mask = torch.tensor([x == c for x in cats])
-            out[f"{name}/{c}"] = values[mask].mean().item()
-            means.append(out[f"{name}/{c}"])
-        out[name] = sum(means) / len(means) if means else values.mean().item()
-    return out
+    {"reward"} and the verdicts of its first part that has them (that part scored once: a judge's
+    reward is its points)."""
+    if hasattr(scorer, "scores"):
+        points, correct = scorer.scores(images, rows)
+        return {"ta": points.float(), "accuracy": correct.float()}
+    out, total = {}, torch.zeros(len(images))
+    for weight, model in getattr(scorer, "parts", None) or [(1.0, scorer)]:
+        if hasattr(model, "scores") and "ta" not in out:
+            out.update(score(model, images, rows))
+            value = out["ta"]
+        else:
+            value = model(images, rows).float()
+        total = total + weight * value
+    return {"reward": total, **out}
 
 
 def evaluate_prompts(policy, prompts, scorer, cfg, cfg_scale: float = 1.0, samples: int = 1):
     """(scores dict, rows, reasoning texts, images) of a prompt set at one CFG scale."""
     rows, texts, images = generate_eval(policy, prompts, cfg, cfg_scale, samples)
-    return summarize(score(scorer, images, rows), rows), rows, texts, images
+    return reward.summarize(score(scorer, images, rows), rows), rows, texts, images
 
 
 @torch.no_grad()
@@ -82,9 +69,8 @@ def evaluate(policy, cfg, n_per_category: int, cfg_scale: float = 1.0):
     Returns (scores dict, prompts, reasoning texts, images in [0, 1])."""
     prompts = toy.prompts("eval", n_per_category, seed=cfg.seed + 12345)
     result, prompts, texts, images = evaluate_prompts(policy, prompts, toy.ToyReward(), cfg, cfg_scale)
-    plans = toy.summarize(toy.score_plans(texts, prompts), prompts)
-    result.update({k.replace("accuracy", "plan_validity"): v for k, v in plans.items()
-                   if k.startswith("accuracy")})
+    plans = toy.score_plans(texts, prompts)
+    result.update(reward.summarize({"plan_validity": plans.all_correct}, prompts))
     drawn, planned = plan_following(texts, images)
     result["plan_following"] = drawn / max(planned, 1)
     result["background_noise"] = background_noise(images)
@@ -130,9 +116,9 @@ def evaluate_stage(policy, cfg, run_dir: Path, stage: str, summary: dict, log, p
     if not toy_world and cfg.eval_limit:
         prompts = prompts[:cfg.eval_limit]
     t0, results = time.time(), {}
+    scorer = toy.ToyReward() if toy_world else scorer
     for i, s in enumerate(cfg.eval_cfg):
         if toy_world:
-            scorer = toy.ToyReward()
             result, rows, texts, images = evaluate(policy, cfg, cfg.eval_per_category, cfg_scale=s)
         else:
             result, rows, texts, images = evaluate_prompts(policy, prompts, scorer, cfg, s, cfg.eval_samples)

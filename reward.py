@@ -70,6 +70,25 @@ def load_geneval(path: str | Path) -> list[dict]:
     return rows
 
 
+def summarize(per_image: dict[str, torch.Tensor], rows: Sequence[Any]) -> dict[str, float]:
+    """Each per-image metric per category ("<metric>/<category>", a row's `.category`, GenEval's tags
+    in CATEGORIES order first) and overall: the unweighted mean of the category means, as GenEval's
+    overall score (the plain mean when no row has a category)."""
+    cats = [getattr(p, "category", "") for p in rows]
+    known = {c: i for i, c in enumerate(CATEGORIES)}
+    order = sorted({c for c in cats if c}, key=lambda c: (known.get(c, len(known)), c))
+    out: dict[str, float] = {}
+    for name, values in per_image.items():
+        if len(values) != len(rows):
+            raise ValueError(f"{name}: {len(values)} values but {len(rows)} rows")
+        means = []
+        for c in order:
+            out[f"{name}/{c}"] = values[torch.tensor([x == c for x in cats])].float().mean().item()
+            means.append(out[f"{name}/{c}"])
+        out[name] = sum(means) / len(means) if means else values.float().mean().item()
+    return out
+
+
 # ---- images, prompts, batches ----------------------------------------------------------------------
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -86,6 +86,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+import reward
 from reward import CATEGORIES
 
 IMAGE_SIZE, GRID, CELL, OBJ = 32, 4, 8, 7
@@ -579,16 +580,7 @@ def summarize(scores: Scores, prompts: Sequence[Prompt]) -> dict[str, float]:
     """{"ta", "accuracy"}: means over the categories present of the per-category means, and
     "ta/<category>", "accuracy/<category>" for each category present."""
     _check_len(scores.points, "scores", prompts)
-    out: dict[str, float] = {}
-    for c in CATEGORIES:
-        mask = torch.tensor([p.category == c for p in prompts], dtype=torch.bool)
-        if mask.any():
-            out[f"ta/{c}"] = scores.points[mask].float().mean().item()
-            out[f"accuracy/{c}"] = scores.all_correct[mask].float().mean().item()
-    for metric in ("ta", "accuracy"):
-        per_cat = [v for k, v in out.items() if k.startswith(metric + "/")]
-        out[metric] = sum(per_cat) / len(per_cat) if per_cat else float("nan")
-    return out
+    return reward.summarize({"ta": scores.points, "accuracy": scores.all_correct}, prompts)
 
 
 class ToyReward:

@@ -44,6 +44,7 @@ import losses
 import sampler
 from config import Config
 from model import guided_velocity
+from policy import Thoughts, TrainOutput
 
 
 # ----------------------------------------------------------------------------------------------- rollout
@@ -101,12 +102,8 @@ def rollout(policy, prompts, reward_fn, cfg: Config, generator) -> Rollout:
     size = cfg.rollout_batch or len(prompts)
     parts = [generate(policy, prompts[i:i + size], cfg, generator, n=G, window=window)
              for i in range(0, len(prompts), size)]
-    if len(parts) == 1:
-        thoughts, traj, images = parts[0]
-    else:
-        thoughts = type(parts[0][0]).cat([p[0] for p in parts])
-        traj = sampler.Trajectory.cat([p[1] for p in parts])
-        images = torch.cat([p[2] for p in parts])
+    thoughts, traj, images = zip(*parts)
+    thoughts, traj, images = Thoughts.cat(thoughts), sampler.Trajectory.cat(traj), torch.cat(images)
     rows = [p for p in prompts for _ in range(G)]
     rewards = reward_fn(images, rows).float().to(images.device)
     if not torch.isfinite(rewards).all():
@@ -196,7 +193,7 @@ def reference_outputs(ref, ro: Rollout, cfg: Config, uncond=None):
     outs = [_velocities(ref, ro.thoughts.select(idx), ro.traj.x_t[idx], ro.traj.t,
                         uncond.select(idx) if uncond is not None else None, cfg)
             for idx in torch.arange(R, device=ro.rewards.device).split(size)]
-    return type(outs[0])(torch.cat([o.logp for o in outs]), torch.cat([o.v for o in outs]))
+    return TrainOutput(torch.cat([o.logp for o in outs]), torch.cat([o.v for o in outs]))
 
 
 def unified_objective(policy, ref_out, ro: Rollout, idx, cfg: Config, uncond=None):
@@ -209,9 +206,9 @@ def unified_objective(policy, ref_out, ro: Rollout, idx, cfg: Config, uncond=Non
     if ref_out is None and cfg.text_kl > 0:
         raise ValueError("text_kl > 0 needs the frozen reference's outputs (reference_outputs)")
     flow_on, text_on = cfg.train_parts in ("both", "image"), cfg.train_parts in ("both", "text")
-    need_ref = ref_out is not None and needs_reference(cfg)
+    need_ref = ref_out is not None                        # reference_outputs is None when unread
     if need_ref:
-        out_ref = type(ref_out)(ref_out.logp[idx], ref_out.v[idx])
+        out_ref = TrainOutput(ref_out.logp[idx], ref_out.v[idx])
     stats, zero = {}, out.v.sum() * 0.0
 
     J_text = zero
@@ -264,8 +261,8 @@ def update(policy, ref, optimizer, ro: Rollout, cfg: Config, generator) -> dict:
             stats = {}
             for part in micro:
                 J, part_stats = unified_objective(policy, ref_out, ro, part, cfg, uncond)
-                share = len(part) / len(idx)
-                (J * share if len(micro) > 1 else J).backward()
+                share = len(part) / len(idx)                   # 1.0 (exact) for one micro-batch
+                (J * share).backward()
                 for k, v in part_stats.items():
                     stats[k] = stats.get(k, 0.0) + v * share
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
