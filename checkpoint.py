@@ -30,6 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import config
+import distributed
+import lora
 from model import BagelConfig, BagelMoT, check_tokenizer
 from policy import Policy
 
@@ -38,7 +40,7 @@ LLM_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_key_value_heads", "rope_theta", "rms_norm_eps", "hidden_act", "max_position_embeddings")
 TOKEN_ROLES = {"bos_token_id": "im_start_id", "eos_token_id": "im_end_id",  # Bagel's new_token_ids names
                "start_of_image": "vision_start_id", "end_of_image": "vision_end_id"}
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json")          # what makes a folder hold a run
+RUN_FILES = ("ckpt.pt", "ckpt", "metrics.jsonl", "summary.json")  # what makes a folder hold a run
 ARTIFACTS = (*RUN_FILES, "grid_*.png", "reward_curve.png", "model")         # globs; model: the export
 TRAINING_KEYS = {"step": int, "policy": dict, "opt": dict, "gen": torch.Tensor, "config": dict}
 _UMASK = os.umask(0)
@@ -164,9 +166,11 @@ def _safetensors(path: Path, device="cpu"):
 
 
 def from_pretrained(folder, dtype=torch.bfloat16, device="cpu", tokenizer=None, embed_hook=None,
-                    **overrides) -> Policy:
+                    prepare=None, **overrides) -> Policy:
     """The Policy of an official-layout folder; `overrides` change BagelConfig fields (for example the
-    think-mode system prompt)."""
+    think-mode system prompt). prepare(policy), when given, runs on the meta-device policy before any
+    weight is read (adding adapters, FSDP2 sharding); then each process reads only the rows of each
+    tensor it holds (distributed.local_rows), and the ViT tensors are read only when exported."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
@@ -187,6 +191,10 @@ def from_pretrained(folder, dtype=torch.bfloat16, device="cpu", tokenizer=None, 
            if found[k][1] != shape]
     if bad:
         raise ValueError(f"{folder}: wrong tensor shapes: {bad}")
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(folder)
+    check_tokenizer(tokenizer, cfg)
+    if prepare is not None:
+        return _load_prepared(folder, files, cfg, tokenizer, model, embed_hook, prepare, dtype, device)
     state, extra = {}, {}
     for f in files:
         with _safetensors(f, device) as s:
@@ -197,11 +205,51 @@ def from_pretrained(folder, dtype=torch.bfloat16, device="cpu", tokenizer=None, 
                     extra[k] = s.get_tensor(k).cpu()
     model.load_state_dict(state, strict=True, assign=True)
     model.latent_pos_embed.pos_embed.requires_grad_(False)
-    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(folder)
-    check_tokenizer(tokenizer, cfg)
     policy = Policy(cfg, tokenizer, model, embed_hook=embed_hook)
     policy.extra_state, policy.source_folder = extra, folder
     return policy
+
+
+@torch.no_grad()
+def _load_prepared(folder, files, cfg, tokenizer, model, embed_hook, prepare, dtype, device) -> Policy:
+    policy = Policy(cfg, tokenizer, model, embed_hook=embed_hook)
+    policy.source_folder = folder
+    prepare(policy)
+    policy.to_empty(device=device)
+    params = dict(policy.model.named_parameters())
+    extra = {}
+    for f in files:
+        with _safetensors(f) as s:
+            names = list(s.keys())
+        for k in names:
+            if k not in params:
+                extra[k] = f
+                continue
+            first, local = distributed.local_rows(params[k])
+            if local.numel():
+                # a mapping per tensor: the file pages a slice touched leave the resident set with it
+                with _safetensors(f) as s:
+                    local.copy_((s.get_slice(k)[first:first + local.shape[0]] if local.ndim
+                                 else s.get_tensor(k)).to(dtype))
+    for k, value in lora.initial_adapters(policy).items():               # adapters start as add_lora's
+        first, local = distributed.local_rows(params[k])
+        local.copy_(value[first:first + local.shape[0]])
+    policy.extra_state = LazyTensors(extra)
+    return policy
+
+
+class LazyTensors(dict):
+    """Tensors kept untouched (ViT) by name, read from their safetensors file only when asked for."""
+
+    def __getitem__(self, key):
+        with _safetensors(super().__getitem__(key)) as s:
+            return s.get_tensor(key)
+
+    def items(self):
+        return ((k, self[k]) for k in self.keys())
+
+    def values(self):
+        return (self[k] for k in self.keys())
 
 
 def _load_tokenizer(folder: Path):
@@ -214,17 +262,21 @@ def _load_tokenizer(folder: Path):
     return None
 
 
-def save_pretrained(policy: Policy, folder, max_shard_bytes: int | None = None):
+def save_pretrained(policy: Policy, folder, max_shard_bytes: int | None = None, dtype=None, write=True):
     """Write the official layout (each file atomically); the tokenizer and the embed hook save their own
     files; other files of the source folder (ae.safetensors, vit_config.json, ...) are copied.
+    Weights stream tensor by tensor (a sharded tensor gathered in turn, LoRA adapters merged, cast to
+    `dtype` if given), so neither a device nor the host holds a second full copy. A sharded (FSDP)
+    policy: every rank calls this, in step; only the rank with write=True writes.
     max_shard_bytes: weights in shards `ema-0000i-of-0000n.safetensors` of at most that size (a tensor
-    larger than it gets a shard of its own) plus `ema.safetensors.index.json`, each shard copied to the
-    host only while it is written, so the host never holds a second full copy; None: one
+    larger than it gets a shard of its own) plus `ema.safetensors.index.json`; None: one
     `ema.safetensors`, as Bagel ships."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {**policy.model.state_dict(), **policy.extra_state}
-    _write_weights(folder, tensors, max_shard_bytes)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+    _write_weights(folder, export_entries(policy, dtype), max_shard_bytes, write)
+    if not write:
+        return
     llm, bag = config_to_json(policy.cfg)
     bag["visual_und"] = any(k.startswith("vit_model.") for k in policy.extra_state)
     src = policy.source_folder
@@ -245,29 +297,94 @@ def save_pretrained(policy: Policy, folder, max_shard_bytes: int | None = None):
                 atomic_write(folder / f.name, lambda p, f=f: shutil.copyfile(f, p))
 
 
-def _write_weights(folder: Path, tensors: dict, max_shard_bytes: int | None):
+def export_entries(policy: Policy, dtype=None) -> dict:
+    """name -> (dtype, shape, get()) of every tensor an export writes, in state-dict order: the official
+    keys, an adapted weight merged with its adapters, then the untouched (ViT) tensors. get() gathers
+    a sharded tensor (a collective) and returns it on the host."""
+    adapted = {n: m for n, m in policy.model.named_modules() if isinstance(m, lora.LoRALinear)}
+    entries = {}
+    for k, t in policy.model.state_dict().items():
+        module, _, leaf = k.rpartition(".")
+        if leaf in lora.ADAPTER_KEYS:
+            continue
+        if leaf == "weight" and module in adapted:
+            m = adapted[module]
+            get = (lambda t=t, m=m: lora.merged_weight(distributed.full(t), distributed.full(m.lora_A),
+                                                       distributed.full(m.lora_B), m.lora_scale))
+        else:
+            get = (lambda t=t: distributed.full(t))
+        entries[k] = (dtype or t.dtype, tuple(t.shape), get)
+    for k in policy.extra_state.keys():
+        with_value = (lambda k=k: policy.extra_state[k])
+        shape, kind = _header_of(policy, k)
+        entries[k] = (kind, shape, with_value)
+    return entries
+
+
+def _header_of(policy, key):
+    """(shape, dtype) of an untouched tensor without reading it when it is lazy."""
+    extra = policy.extra_state
+    if isinstance(extra, LazyTensors):
+        with _safetensors(dict.__getitem__(extra, key)) as s:
+            sl = s.get_slice(key)
+            return tuple(sl.get_shape()), _ST_DTYPES_BACK[sl.get_dtype()]
+    return tuple(extra[key].shape), extra[key].dtype
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES_BACK = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def write_safetensors(path, entries: dict):
+    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) comes
+    from `entries` (name -> (dtype, shape, get)), then each get() is written and dropped."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k, (kind, shape, _) in entries.items():
+        n = math.prod(shape) * torch.empty((), dtype=kind).element_size()
+        header[k] = {"dtype": _ST_DTYPES[kind], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)                                # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for k, (kind, shape, get) in entries.items():
+            t = get().detach().to("cpu", kind).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, its header says {shape}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _write_weights(folder: Path, entries: dict, max_shard_bytes: int | None, write: bool = True):
     """Weights of the official layout; weight files of an earlier export in `folder` are replaced (the
-    index goes last and is what makes a set of shards count)."""
-    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    index goes last and is what makes a set of shards count). write=False: the same gathers, in the
+    same order, nothing written (the other ranks of a sharded export)."""
+    sizes = {k: math.prod(shape) * torch.empty((), dtype=kind).element_size()
+             for k, (kind, shape, _) in entries.items()}
     shards: list[list[str]] = [[]]
     filled = 0
-    for k in tensors:
+    for k in entries:
         if max_shard_bytes and shards[-1] and filled + sizes[k] > max_shard_bytes:
             shards.append([])
             filled = 0
         shards[-1].append(k)
         filled += sizes[k]
-    stale = [folder / "ema.safetensors", folder / "ema.safetensors.index.json",
-             *folder.glob("ema-*-of-*.safetensors")]
     names = (["ema.safetensors"] if not max_shard_bytes else
              [f"ema-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    if not write:
+        for keys in shards:
+            for k in keys:
+                entries[k][2]()
+        return
+    stale = [folder / "ema.safetensors", folder / "ema.safetensors.index.json",
+             *folder.glob("ema-*-of-*.safetensors")]
     for f in stale:
         if f.name not in names:
             f.unlink(missing_ok=True)
     for name, keys in zip(names, shards):
-        part = {k: tensors[k].detach().cpu().contiguous() for k in keys}
-        atomic_write(folder / name, lambda p, part=part: save_file(part, p))
-        del part
+        atomic_write(folder / name, lambda p, keys=keys: write_safetensors(p, {k: entries[k] for k in keys}))
     if max_shard_bytes:
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
@@ -316,6 +433,87 @@ def load_training(path: Path) -> dict:
     return state
 
 
+STEPS = "ckpt"                                                    # <run>/ckpt/step-00000010/ (torchrun)
+
+
+def step_folders(run_dir: Path) -> list[Path]:
+    """The complete step checkpoints of a run, oldest first (a folder exists only once fully written)."""
+    root = Path(run_dir) / STEPS
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()) if root.is_dir() else []
+
+
+def save_step(run_dir: Path, step: int, policy, optimizer, generator, cfg, world, keep: int = 2):
+    """A torchrun training checkpoint: model and optimizer through torch.distributed.checkpoint (each rank
+    writes its shards), every rank's RNG state, the step (the data position: batches are addressed by
+    step) and the config, into <run>/ckpt/.step-N.tmp, renamed to step-N once every rank is done;
+    the newest `keep` are kept. Nothing is written when a value is not finite."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    local = [v.to_local() if hasattr(v, "to_local") else v for v in _tensors({"m": model_sd, "o": optim_sd})]
+    if distributed.any_rank(not all(torch.isfinite(t).all() for t in local if t.is_floating_point())):
+        raise FloatingPointError(f"after {step} RL steps: non-finite weights or optimizer state; the "
+                                 f"checkpoint was not written")
+    root = Path(run_dir) / STEPS
+    tmp, final = root / f".step-{step:08d}.tmp", root / f"step-{step:08d}"
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rng = {"torch": torch.get_rng_state(), "gen": generator.get_state()}
+    if torch.cuda.is_available() and torch.device(cfg.device).type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(torch.device(cfg.device))
+    save_file(rng, str(tmp / f"rng-{world.rank}.safetensors"))
+    distributed.barrier()
+    if world.main:
+        meta = {"step": step, "world_size": world.size, "config": dataclasses.asdict(cfg)}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in step_folders(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+
+
+def load_step(folder: Path, policy, optimizer, generator, cfg, world) -> int:
+    """Resume from a step checkpoint on any rank count (DCP reshards): model, optimizer, this rank's RNG
+    (rank 0's when the checkpoint had fewer ranks), the shared generator. Returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from safetensors.torch import load_file
+    meta = read_json(folder / "state.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "config" not in meta:
+        raise CorruptFile(f"{folder / 'state.json'}: not a step checkpoint (no step or config)")
+    check_same_run(meta["config"], cfg, folder)
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as e:  # a checkpoint of another model, or torn by hand
+        raise CorruptFile(f"checkpoint {folder} does not fit this model and optimizer "
+                          f"({type(e).__name__}: {str(e)[:200]}); --overwrite starts over") from None
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    mine = folder / f"rng-{world.rank}.safetensors"
+    rng = load_file(str(mine if mine.is_file() else folder / "rng-0.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["gen"])
+    if "cuda" in rng and torch.device(cfg.device).type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], torch.device(cfg.device))
+    return meta["step"]
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
+
+
 def check_same_run(saved: dict, cfg, path: Path):
     """Resume only the run a checkpoint belongs to: the fields that change what the run computes must match
     (where it writes, how long and how it evaluates may change); a field added since counts at its default."""
@@ -348,12 +546,16 @@ def truncate_jsonl(path: Path, step: int):
 
 # ---------------------------------------------------------------------------------------- run folders
 @contextlib.contextmanager
-def run_folder(run_dir: Path, resume: bool, overwrite: bool):
+def run_folder(run_dir: Path, resume: bool, overwrite: bool, hold: bool = True):
     """Hold `run_dir` for this process (a second process gets a clear error); a folder that holds another run
-    is continued only with `resume`, replaced only with `overwrite`, and otherwise left alone."""
+    is continued only with `resume`, replaced only with `overwrite`, and otherwise left alone.
+    hold=False (torchrun's other ranks): the folder as it is; rank 0 holds and checks it."""
     if resume and overwrite:
         raise SystemExit("error: --resume continues a run, --overwrite starts it over: choose one")
     run_dir = Path(run_dir)
+    if not hold:
+        yield run_dir
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = open(run_dir / ".lock", "a+")
     try:

@@ -50,8 +50,17 @@ class Config:
     dtype: str = arg("run", "float32", "weights of a loaded checkpoint; auto: bfloat16 on cuda, float32 "
                                        "elsewhere; the toy: float32")
     model: str = arg("run", "toy", "'toy', or a folder holding an official BAGEL checkpoint")
-    ckpt_every: int = arg("run", 10, "write ckpt.pt every this many RL steps, and at the end",
+    ckpt_every: int = arg("run", 10, "write a checkpoint every this many RL steps, and at the end",
                           resume_may_change=True)
+    ckpt_keep: int = arg("run", 2, "torchrun: step folders of <run>/ckpt kept (the newest)",
+                         resume_may_change=True)
+    export_to: str = arg("run", "", "write the trained policy there in the official layout at the end "
+                                    "(default <run>/model; with --export_only: the run's last checkpoint)",
+                         resume_may_change=True)
+    log_to: str = arg("run", "", "also log metrics to 'wandb' or 'tensorboard' (when installed)",
+                      resume_may_change=True)
+    dist_timeout: float = arg("run", 600.0, "torchrun: seconds a collective may wait before the job "
+                                            "stops with an error", resume_may_change=True)
     # prompts, reward, evaluation
     prompts: str = arg("data", "", "train prompts: .txt (one a line), .jsonl ({\"prompt\": ...}, GenEval's "
                                    "metadata); the toy draws its own")
@@ -92,12 +101,23 @@ class Config:
     cfg_scale: float = arg("rollout", 1.0, "text CFG in rollouts and evaluation (paper: 1, no CFG)")
     # the unified update
     ppo_epochs: int = arg("update", 2, "passes over each rollout (paper: 2)")
-    minibatches: int = arg("update", 2, "optimizer steps per pass; must divide R = B*G")
+    minibatches: int = arg("update", 2, "optimizer steps per pass, each an equal share of every group; "
+                                        "must divide G")
     micro_batch: int = arg("update", 0, "rows per forward/backward of a minibatch (gradient accumulation); "
                                         "0: the whole minibatch")
     lr_reasoning: float = arg("update", 1e-6, "AdamW rate of the reasoning expert (paper: 1e-6)")
     lr_denoising: float = arg("update", 3e-5, "AdamW rate of the denoising expert (paper: 3e-5)")
     weight_decay: float = arg("update", 0.0, "AdamW weight decay")
+    lora_rank: int = arg("update", 0, "LoRA rank of the adapted experts' linear layers; 0: full "
+                                      "fine-tuning")
+    lora_alpha: float = arg("update", 16.0, "LoRA scale alpha (update alpha/rank * B A)")
+    lora_experts: str = arg("update", "both", "experts that train adapters when lora_rank > 0: both, "
+                                              "reasoning, denoising (the other trains fully)")
+    attention: str = arg("update", "dense", "packed forward: 'dense' (one padded mask, the readable "
+                                            "reference) or 'blocks' (the text once, each window block on "
+                                            "its keys)", resume_may_change=True)
+    activation_checkpointing: bool = arg("update", False, "recompute each decoder layer in the backward "
+                                                          "(memory for time)", resume_may_change=True)
     grad_clip: float = arg("update", 1.0, "max global gradient norm")
     train_parts: str = arg("update", "both", "'both' (UniGRPO), 'text' (TextGRPO only), 'image' "
                                              "(FlowGRPO only)")
@@ -143,24 +163,29 @@ class Config:
                    "sde_kind": sampler.KINDS, "logprob_reduce": sampler.REDUCTIONS,
                    "adv_std": ("population", "sample", "none"), "adv_scope": ("group", "batch"),
                    "text_reduction": losses.TOKEN_REDUCTIONS,
-                   "dtype": ("float32", "bfloat16", "float16", "float64")}
+                   "dtype": ("float32", "bfloat16", "float16", "float64"),
+                   "lora_experts": ("both", "reasoning", "denoising"), "attention": ("dense", "blocks"),
+                   "log_to": ("", "wandb", "tensorboard")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected one of "
                                  f"{', '.join(map(str, allowed))}")
         for key in ("prompts_per_step", "ppo_epochs", "minibatches", "num_steps", "window_size",
-                    "ckpt_every", "sft_batch", "eval_steps", "reward_batch", "eval_samples", "eval_batch"):
+                    "ckpt_every", "ckpt_keep", "sft_batch", "eval_steps", "reward_batch", "eval_samples",
+                    "eval_batch"):
             _at_least(key, getattr(self, key), 1)
         for key in ("seed", "max_think_tokens", "sft_steps", "rl_steps", "eval_per_category", "eval_limit",
-                    "rollout_batch", "micro_batch"):
+                    "rollout_batch", "micro_batch", "lora_rank"):
             _at_least(key, getattr(self, key), 0)
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: group-relative advantages need at least "
                              f"2 samples")
         for key in ("lr_reasoning", "lr_denoising", "weight_decay", "sft_lr", "reg_weight", "text_kl",
-                    "lam", "temperature", "eval_temperature", "cfg_scale", "export_shard_gb"):
+                    "lam", "temperature", "eval_temperature", "cfg_scale", "export_shard_gb",
+                    "lora_alpha"):
             _finite(key, getattr(self, key), lower=0.0)
-        for key in ("grad_clip", "clip_text", "clip_flow", "shift", "sft_mse_weight", "noise_level"):
+        for key in ("dist_timeout", "grad_clip", "clip_text", "clip_flow", "shift", "sft_mse_weight",
+                    "noise_level"):
             _finite(key, getattr(self, key), lower=0.0, strict=True)
         if self.adv_clip_max is not None:
             _finite("adv_clip_max", self.adv_clip_max, lower=0.0, strict=True)
@@ -202,9 +227,9 @@ class Config:
                              "prompts; --reward, --eval_reward, --prompts and --eval_prompts are for --bagel")
         if self.train_parts == "text" and not self.think:
             raise ValueError("train_parts='text' with think=False leaves nothing to train")
-        if (self.prompts_per_step * self.group_size) % self.minibatches:
-            raise ValueError(f"minibatches={self.minibatches} must divide prompts_per_step*group_size "
-                             f"= {self.prompts_per_step * self.group_size}")
+        if self.group_size % self.minibatches:
+            raise ValueError(f"minibatches={self.minibatches} must divide group_size={self.group_size} "
+                             f"(each minibatch takes the same share of every group)")
         if self.micro_batch and self.text_reduction in ("bnpo", "dapo"):
             raise ValueError(f"micro_batch={self.micro_batch} with text_reduction={self.text_reduction!r}: "
                              f"that reduction normalises by the minibatch's token count, which a micro-batch "
@@ -364,6 +389,9 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                          help="continue the run in <out_dir>/<name> exactly")
     actions.add_argument("--eval_only", action="store_true",
                          help="evaluate --model on --eval_prompts at each --eval_cfg scale, no training")
+    actions.add_argument("--export_only", action="store_true",
+                         help="write the last checkpoint of <out_dir>/<name> to --export_to in the official "
+                              "layout, no training")
     actions.add_argument("--overwrite", action="store_true",
                          help="start over in a run folder that holds another run (deletes its "
                               "checkpoint, metrics, summary and pictures)")
@@ -389,7 +417,7 @@ def parse_args(argv, parser_=None) -> tuple[Config, argparse.Namespace]:
             raise SystemExit(f"error: unexpected argument {a!r}; use --toy, --bagel, --resume or "
                              f"--key=value")
         key = a[2:].partition("=")[0]
-        known = [*fields, "toy", "bagel", "resume", "overwrite", "eval_only"]
+        known = [*fields, "toy", "bagel", "resume", "overwrite", "eval_only", "export_only"]
         words = set(key.split("_")) - {""}
         near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
         near += [k for k in known if k not in near and (words & set(k.split("_")) or key in k)][:6]

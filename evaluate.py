@@ -105,11 +105,12 @@ def background_noise(images: torch.Tensor) -> float:
     return (peak * dark).sum().item() / max(int(dark.sum()), 1)
 
 
-def evaluate_stage(policy, cfg, run_dir: Path, stage: str, summary: dict, log, prompts=None, scorer=None):
+def evaluate_stage(policy, cfg, run_dir: Path, stage: str, summary: dict, log, prompts=None, scorer=None,
+                   write=True):
     """Evaluation of one stage ("before" / "after" RL, "eval") at each scale of eval_cfg: the toy's
     held-out set (eval_per_category), or `prompts` scored by `scorer`. summary[stage] holds the first
     scale, summary["by_cfg"][stage][scale] every scale; grid_<stage>.png shows the first,
-    grid_<stage>_cfg<scale>.png the others; a log line per scale."""
+    grid_<stage>_cfg<scale>.png the others (write=False: none); a log line per scale."""
     toy_world = cfg.model == "toy"
     if (toy_world and cfg.eval_per_category == 0) or (not toy_world and not prompts):
         return
@@ -124,7 +125,8 @@ def evaluate_stage(policy, cfg, run_dir: Path, stage: str, summary: dict, log, p
             result, rows, texts, images = evaluate_prompts(policy, prompts, scorer, cfg, s, cfg.eval_samples)
         results[f"{s:g}"] = result
         name = f"grid_{stage}.png" if i == 0 else f"grid_{stage}_cfg{s:g}.png"
-        save_grid(run_dir / name, rows, texts, images, f"{stage} RL, CFG {s:g}", scorer)
+        if write:                                        # torchrun: rank 0 writes
+            save_grid(run_dir / name, rows, texts, images, f"{stage} RL, CFG {s:g}", scorer)
         shown = "  ".join(f"{k.replace('_', ' ')} {result[k]:.3f}" for k in
                           ("ta", "accuracy", "reward", "plan_validity", "plan_following") if k in result)
         log(f"{stage:>6}: {shown}  (CFG {s:g}, {len(rows)} images)")

@@ -19,7 +19,9 @@ Glossary
 
 Deviations / borrowed defaults
     1. Attention is padded: right-padded (R, L) batches, a boolean (R, 1, Lq, Lk) mask, torch SDPA,
-       per-row position ids; Bagel packs samples and calls flash-attn varlen. Same math.
+       per-row position ids; Bagel packs samples and calls flash-attn varlen. Same math. With
+       attention="blocks" (Policy.attention) the packed training forward takes a PackedBlocks instead
+       of its (L, L) mask: the text causal, unmasked; each block a batch row on [its text, itself].
     2. Toy-only settings (the bagel_7b values reproduce Bagel exactly):
        a. codec="pixels" (bagel: "flux"): latent = the [-1, 1] image itself, C = 3, downsample 1.
        b. prediction="x0" (bagel: "velocity"): llm2vae gives x0_hat, returned as
@@ -35,7 +37,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+import torch.utils.checkpoint
+from einops import rearrange, repeat
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb
 
@@ -225,15 +228,22 @@ def block_layout(rope_next: torch.Tensor, K: int, N: int):
     return is_gen, rope_next[:, None].expand(-1, K * (N + 2))
 
 
+def packed_ids(text_valid: torch.Tensor, K: int, N: int):
+    """is_gen (R, L) and position ids (R, L) of the training sequence [text (right-padded), K blocks]."""
+    R, Lt = text_valid.shape
+    is_gen_b, pos_b = block_layout(text_valid.sum(1), K, N)
+    is_gen = torch.cat([torch.zeros_like(text_valid), is_gen_b], 1)
+    pos = torch.cat([torch.arange(Lt, device=text_valid.device).expand(R, -1), pos_b], 1)
+    return is_gen, pos
+
+
 def packed_layout(text_valid: torch.Tensor, K: int, N: int):
     """One training sequence per row: [text (right-padded), K noisy blocks]. Returns is_gen (R, L),
     position ids (R, L) and mask (R, 1, L, L): text is causal; a block sees all text and itself;
     nothing sees a block."""
     R, Lt = text_valid.shape
     dev = text_valid.device
-    is_gen_b, pos_b = block_layout(text_valid.sum(1), K, N)
-    is_gen = torch.cat([torch.zeros_like(text_valid), is_gen_b], 1)
-    pos = torch.cat([torch.arange(Lt, device=dev).expand(R, -1), pos_b], 1)
+    is_gen, pos = packed_ids(text_valid, K, N)
     blk = torch.cat([torch.full((Lt,), -1, device=dev),
                      torch.arange(K, device=dev).repeat_interleave(N + 2)])      # -1: text, else block
     q_text, k_text = (blk < 0)[:, None], (blk < 0)[None, :]
@@ -242,6 +252,43 @@ def packed_layout(text_valid: torch.Tensor, K: int, N: int):
     mask = (k_text & (causal | ~q_text)) | ((blk[:, None] == blk[None, :]) & ~q_text)
     key_valid = torch.cat([text_valid, torch.ones(R, K * (N + 2), dtype=torch.bool, device=dev)], 1)
     return is_gen, pos, visible(mask[None] & key_valid[:, None, :])[:, None]
+
+
+@dataclass
+class PackedBlocks:
+    """packed_layout's mask as structure (deviation 1): text_len text columns, then K blocks of
+    block_len tokens. text_valid (R, text_len) bool, None when no row is padded (then no mask at all)."""
+    text_len: int
+    K: int
+    block_len: int
+    text_valid: torch.Tensor | None
+
+
+def packed_blocks(text_valid: torch.Tensor, K: int, N: int):
+    """packed_layout with a PackedBlocks in place of the mask: is_gen, position ids, PackedBlocks."""
+    is_gen, pos = packed_ids(text_valid, K, N)
+    padded = not bool(text_valid.all())          # one host sync here, not one per layer
+    return is_gen, pos, PackedBlocks(text_valid.shape[1], K, N + 2, text_valid if padded else None)
+
+
+def attend(q, k, v, mask, enable_gqa: bool = False) -> torch.Tensor:
+    """Joint attention of q (R, nq, Lq, d) on k, v (R, nkv, Lk, d) -> (R, nq, Lq, d): SDPA with a
+    boolean mask (R, 1, Lq, Lk), or the packed training layout given as a PackedBlocks (same math)."""
+    if not isinstance(mask, PackedBlocks):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+    Lt, K, B = mask.text_len, mask.K, mask.block_len
+    (q_t, q_b), (k_t, k_b), (v_t, v_b) = (x.split([Lt, K * B], 2) for x in (q, k, v))
+    # right padding: causality alone hides a row's padded keys from its valid queries (padded
+    # queries, never read, see earlier keys only and stay finite)
+    o_t = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, enable_gqa=enable_gqa)
+    # block k of row r is batch row r*K + k, on [row r's text keys, its own keys]
+    q_b, k_b, v_b = (rearrange(x, "r h (k n) d -> (r k) h n d", n=B) for x in (q_b, k_b, v_b))
+    k_b, v_b = (torch.cat([repeat(x_t, "r h l d -> (r k) h l d", k=K), x_b], 2)
+                for x_t, x_b in ((k_t, k_b), (v_t, v_b)))
+    key_mask = None if mask.text_valid is None else repeat(      # no mask: SDPA's fast kernels
+        F.pad(mask.text_valid, (0, B), value=True), "r l -> (r k) 1 1 l", k=K)
+    o_b = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=key_mask, enable_gqa=enable_gqa)
+    return torch.cat([o_t, rearrange(o_b, "(r k) h n d -> r h (k n) d", r=q.shape[0])], 2)
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,7 +353,7 @@ class MoTAttention(nn.Module):
         present = (k, v)                                                     # keys after norm + RoPE
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nq != self.nkv)
+        o = attend(q, k, v, mask, self.nq != self.nkv)                      # mask: or PackedBlocks
         o = o.transpose(1, 2).reshape(R, L, -1)
         return route(o, self.o_proj, self.o_proj_moe_gen), present
 
@@ -375,6 +422,7 @@ class BagelMoT(nn.Module):
         self.vae2llm = nn.Linear(cfg.patch_dim, cfg.hidden_size)
         self.llm2vae = nn.Linear(cfg.hidden_size, cfg.patch_dim)
         self.latent_pos_embed = _PosEmbed(cfg.hidden_size, cfg.max_latent_size)
+        self.checkpoint_layers = False     # activation checkpointing per decoder layer (Config switch)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -419,8 +467,14 @@ class BagelMoT(nn.Module):
         route = Router(is_gen)
         cos, sin = self.rope(position_ids, h.dtype)
         present = []
+        recompute = self.checkpoint_layers and torch.is_grad_enabled()
         for i, layer in enumerate(self.language_model.model.layers):
-            h, kv = layer(h, route, cos, sin, mask, None if past is None else past[i])
+            step = None if past is None else past[i]
+            if recompute:      # keep only each layer's input; recompute its insides in the backward
+                h, kv = torch.utils.checkpoint.checkpoint(layer, h, route, cos, sin, mask, step,
+                                                          use_reentrant=False)
+            else:
+                h, kv = layer(h, route, cos, sin, mask, step)
             present.append(kv)
         m = self.language_model.model
         return route(h, m.norm, m.norm_moe_gen), present

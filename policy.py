@@ -36,8 +36,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
+import lora
+import sampler
 from model import (BagelConfig, BagelMoT, block_layout, check_tokenizer, guided_velocity,
-                   packed_layout, pad_rows, patchify, unpatchify, visible)
+                   packed_blocks, packed_layout, pad_rows, patchify, unpatchify, visible)
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Policy(nn.Module):
         self.extra_state: dict = {}    # ViT / connector tensors of a real checkpoint, kept untouched
         self.source_folder: Path | None = None
         self._codec = None
+        self.attention = "dense"       # packed_forward's attention: "dense" mask or "blocks" (model.py 1)
 
     @classmethod
     def from_config(cls, cfg: BagelConfig, tokenizer, seed: int = 0, embed_hook=None) -> Policy:
@@ -168,7 +171,7 @@ class Policy(nn.Module):
               generator: torch.Generator | None = None) -> Thoughts:
         """Sample n reasoning chains per prompt with a KV cache: prefill [system?, prompt chunk] once
         per prompt, feed im_start, sample until im_end (kept, with its log-prob) or max_new_tokens.
-        temperature 0 is greedy."""
+        temperature 0 is greedy. generator: a torch.Generator, or a sampler.RowStreams (a stream per row)."""
         if n < 1 or max_new_tokens < 0 or temperature < 0:
             raise ValueError(f"need n >= 1, max_new_tokens >= 0, temperature >= 0; "
                              f"got {n}, {max_new_tokens}, {temperature}")
@@ -189,13 +192,7 @@ class Policy(nn.Module):
             logits = self.model.logits(h[:, -1]).float()
             if not torch.isfinite(logits).all():
                 raise FloatingPointError("think: non-finite logits (the weights hold NaN or inf)")
-            if temperature == 0:
-                tok = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits / temperature, -1)
-                gdev = generator.device if generator is not None else probs.device  # CPU gen, GPU run
-                tok = torch.multinomial(probs.to(gdev), 1, generator=generator).squeeze(1)
-                tok = tok.to(probs.device)
+            tok = sample_tokens(logits, temperature, generator)
             lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
             ids.append(torch.where(alive, tok, c.pad_id))
             mask.append(alive)
@@ -263,8 +260,9 @@ class Policy(nn.Module):
         return v
 
     def packed_forward(self, thoughts: Thoughts, x_t, t, image_hw=None):
-        """One forward over [prompt, reasoning, K noisy blocks] per row (model.packed_layout).
-        Returns (reasoning logits (R, T, V), row j predicting thoughts.ids[:, j]; v (R, K, N, D))."""
+        """One forward over [prompt, reasoning, K noisy blocks] per row (model.packed_layout; its mask
+        as a model.PackedBlocks when self.attention is "blocks"). Returns (reasoning logits (R, T, V),
+        row j predicting thoughts.ids[:, j]; v (R, K, N, D))."""
         h, w = _check_latents(self.cfg, x_t, image_hw, 4)
         R, K, N = x_t.shape[:3]
         if thoughts.ids.shape[0] != R:
@@ -272,7 +270,8 @@ class Policy(nn.Module):
         t = _as_times(t, (R, K), self.device)
         ids, valid, starts = text_rows(self.cfg, thoughts, self.device)
         Lt, T = ids.shape[1], thoughts.ids.shape[1]
-        is_gen, pos, mask = packed_layout(valid, K, N)
+        layout = {"dense": packed_layout, "blocks": packed_blocks}[self.attention]
+        is_gen, pos, mask = layout(valid, K, N)
         emb = torch.cat([self.text_embeddings(ids, valid)[0], _blocks(self.model, x_t, t, h, w)], 1)
         hid, _ = self.model(emb, is_gen, pos, mask)
         cols = (starts[:, None] + torch.arange(T, device=self.device)).clamp(max=max(Lt - 1, 0))
@@ -322,11 +321,13 @@ class Policy(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """'reasoning' and 'denoising' parameters (BagelMoT.expert_of); the frozen position table is
-        in neither."""
+        in neither. An expert with LoRA adapters (lora.py) holds only its adapters."""
         groups = {"reasoning": [], "denoising": []}
+        adapted = lora.adapted_experts(self)
         for name, p in self.model.named_parameters():
-            if self.model.expert_of(name) is not None:
-                groups[self.model.expert_of(name)].append(p)
+            expert = self.model.expert_of(name)
+            if expert is not None and (expert not in adapted or name.endswith(lora.ADAPTER_KEYS)):
+                groups[expert].append(p)
         return groups
 
     # ----------------------------------------------------------------------------------- helpers
@@ -345,6 +346,16 @@ class Policy(nn.Module):
                              f"{max_new_tokens} + 2 exceed max_position_embeddings="
                              f"{c.max_position_embeddings}")
         return ids
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
+    """One token per row of logits (R, V) at `temperature` (0: greedy), by the inverse CDF of one uniform
+    per row: from a torch.Generator, or a sampler.RowStreams (row i's draw from stream i)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    cdf = torch.softmax(logits / temperature, -1).cumsum(-1)
+    u = sampler.draw(logits.shape[:1], generator, logits.device, uniform=True) * cdf[:, -1]
+    return torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
 
 
 def text_rows(cfg: BagelConfig, th: Thoughts, device):

@@ -79,6 +79,43 @@ class Trajectory:
                           t=parts[0].t, t_next=parts[0].t_next, window=parts[0].window)
 
 
+class RowStreams:
+    """One random stream per sample, keyed by (key, global sample index): a row's draws depend only on its
+    key and index, never on how many rows share a call, a rank or a chunk, so a rollout's numbers do not
+    change with the GPU count or the generation batch. `draw(shape)` returns (R, *shape), row i drawn from
+    stream i in order; `streams[a:b]` is the same streams for a slice of the rows."""
+
+    def __init__(self, key: int, rows: range):
+        self.key, self.rows = int(key), rows
+        # one 64-bit seed per (key, index); the multipliers keep nearby keys and indices apart
+        self._gens = [torch.Generator().manual_seed((self.key * 0x9E3779B97F4A7C15 + i * 0xBF58476D1CE4E5B9)
+                                                    % 2 ** 63) for i in rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, part: slice) -> "RowStreams":
+        sub = RowStreams.__new__(RowStreams)
+        sub.key, sub.rows, sub._gens = self.key, self.rows[part], self._gens[part]
+        return sub
+
+    def draw(self, shape, device=None, uniform=False) -> torch.Tensor:
+        fn = torch.rand if uniform else torch.randn
+        return torch.stack([fn(tuple(shape), generator=g) for g in self._gens]).to(device)
+
+
+def draw(shape, generator, device, uniform=False) -> torch.Tensor:
+    """N(0, 1) (or, uniform=True, U[0, 1)) draws of `shape` (R, ...) from a torch.Generator (one stream
+    for the batch, on its own device), a RowStreams (one per row) or the global RNG (None), on `device`."""
+    if isinstance(generator, RowStreams):
+        if len(generator) != shape[0]:
+            raise ValueError(f"RowStreams holds {len(generator)} rows, the draw needs {shape[0]}")
+        return generator.draw(shape[1:], device, uniform)
+    gdev = generator.device if generator is not None else device
+    fn = torch.rand if uniform else torch.randn
+    return fn(tuple(shape), generator=generator, device=gdev).to(device)
+
+
 def timesteps(num_steps, shift=3.0):
     """Shifted grid t' = s*t / (1 + (s - 1)*t) of linspace(1, 0, num_steps + 1), float32 as Bagel,
     (num_steps + 1,).
@@ -154,7 +191,7 @@ def sde_step(x_t, v, t, t_next, noise_level, noise=None, x_next=None, generator=
 
     t, t_next: floats, 0-d or (R,) tensors (a step per sample). x_next given: returned unchanged and
     scored; else x_next = mean + std*noise with noise given or
-    torch.randn(shape, generator=generator), detached.
+    draw(shape, generator) (a torch.Generator or RowStreams), detached.
     Computed in float32; x_next is detached in the log-density, so gradients reach v and x_t only
     via mean. At the last step (t_next = 0) 'sde' is a narrow Gaussian (log_prob about +3.6) and
     'cps' is deterministic (std = 0, log_prob = 0 at the sample): finite either way, and never
@@ -177,8 +214,7 @@ def sde_step(x_t, v, t, t_next, noise_level, noise=None, x_next=None, generator=
 
     if x_next is None:
         if noise is None:
-            device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, device=device).to(x.device)
+            noise = draw(x.shape, generator, x.device)
         x_next = (mean + std * noise.float()).detach()
     sq_err = (x_next.detach().float() - mean) ** 2
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ from tqdm import tqdm
 
 import checkpoint
 import config
+import distributed
 import evaluate
+import lora
 import prompts
 import reward
 import toy
@@ -40,16 +43,46 @@ import unigrpo
 TIMING = ("step_time", "rollout_time", "images_per_s", "peak_mem_gb")
 
 
-def build_policy(cfg, start=None):
+def build_policy(cfg, start=None, world=distributed.World(), adapters=True):
     """The policy of cfg.model: the toy's (random init) or an official checkpoint; with `start`, holding
-    its weights."""
-    if cfg.model == "toy":
+    its weights. Under torchrun: fp32 master weights sharded by FSDP2, each rank reading its rows, LoRA
+    adapters (if any) added before sharding."""
+    if world.on:
+        def prepare(p):
+            if adapters and cfg.lora_rank:
+                lora.add_lora(p, cfg.lora_rank, cfg.lora_alpha, cfg.lora_experts, seed=cfg.seed)
+            distributed.shard(p, cfg)
+        policy = checkpoint.from_pretrained(cfg.model, dtype=torch.float32, device=cfg.device, prepare=prepare)
+    elif cfg.model == "toy":
         policy = toy_policy.build_policy(cfg.seed, cfg.device)
     else:
         policy = checkpoint.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     if start is not None:
         policy.load_state_dict(start.state_dict())
+    policy.attention = cfg.attention
+    policy.model.checkpoint_layers = cfg.activation_checkpointing
     return policy
+
+
+def start_rl(cfg, policy, world):
+    """The frozen reference theta_ref (the policy RL starts from) and its fingerprint (None where not
+    computed), then LoRA adapters on the policy when asked for. With adapters on every trained expert the
+    reference is the same model with its adapters off; else a second model (under torchrun sharded alike,
+    read from cfg.model)."""
+    trained = {"both": {"reasoning", "denoising"}, "text": {"reasoning"}, "image": {"denoising"}}
+    adapted = set(lora.EXPERTS[cfg.lora_experts]) if cfg.lora_rank else set()
+    ref, ref_id = None, None
+    if unigrpo.needs_reference(cfg) and not trained[cfg.train_parts] <= adapted:
+        if world.on:
+            ref = unigrpo.reference_policy(lambda: build_policy(cfg, world=world, adapters=False))
+        else:
+            ref = unigrpo.reference_policy(lambda: build_policy(cfg, start=policy))
+            ref_id = checkpoint.fingerprint(ref.state_dict())
+    if cfg.lora_rank and not lora.is_lora(policy):
+        lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_experts, seed=cfg.seed)
+    if unigrpo.needs_reference(cfg) and ref is None:
+        ref = lora.AdaptersOff(policy)
+    return ref, ref_id
 
 
 def build_reward(cfg, spec: str | None = None):
@@ -128,6 +161,34 @@ def check_fits(policy, cfg):
                          f"{policy.cfg.max_position_embeddings} positions")
 
 
+def metrics_sink(cfg, run_dir: Path | None):
+    """--log_to: a function logging each step's record to wandb or TensorBoard (rank 0), None when not
+    asked for; run_dir None only checks that the package is installed (before any model work)."""
+    if not cfg.log_to:
+        return None
+    package = {"wandb": "wandb", "tensorboard": "tensorboard"}[cfg.log_to]
+    try:
+        __import__(package)
+    except ImportError:
+        raise SystemExit(f"error: --log_to={cfg.log_to} needs the {package} package (pip install {package}); "
+                         f"metrics.jsonl is written either way") from None
+    if run_dir is None:
+        return None
+    if cfg.log_to == "wandb":
+        import wandb
+        wandb.init(project="unigrpo", name=cfg.name, config=dataclasses.asdict(cfg), dir=str(run_dir))
+        return lambda record: wandb.log(record, step=record["step"])
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(record):
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                writer.add_scalar(k, v, record["step"])
+        writer.flush()
+    return log
+
+
 def log_jsonl(path: Path, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -143,24 +204,36 @@ def main(argv=None):
                 cfg = dataclasses.replace(cfg, image_hw=tuple(largest))
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"error: --model={cfg.model}: {e}") from None
-    train_set, eval_set = read_inputs(cfg, args.eval_only)
+    if args.export_only and not cfg.export_to:
+        raise SystemExit("error: --export_only needs --export_to=FOLDER")
+    distributed.check_world(cfg, distributed.World(size=int(os.environ.get("WORLD_SIZE", 1))))
+    metrics_sink(cfg, None)
+    train_set, eval_set = (None, None) if args.export_only else read_inputs(cfg, args.eval_only)
     try:
-        reward_fn = None if args.eval_only and cfg.eval_reward else build_reward(cfg)
+        reward_fn = None if (args.eval_only and cfg.eval_reward) or args.export_only else build_reward(cfg)
         eval_fn = build_reward(cfg, cfg.eval_reward) if cfg.eval_reward else reward_fn
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --reward={cfg.reward} / --eval_reward={cfg.eval_reward}: {e}") from None
-    with checkpoint.run_folder(Path(cfg.out_dir) / cfg.name, args.resume, args.overwrite) as run_dir:
-        try:
-            if args.eval_only:
-                return evaluate_only(cfg, run_dir, eval_fn, eval_set)
-            return run(cfg, run_dir, args.resume, reward_fn, train_set=train_set, eval_set=eval_set,
-                       eval_fn=eval_fn)
-        except checkpoint.CorruptFile as e:
-            raise SystemExit(f"error: {e}") from None
-        except FloatingPointError as e:
-            ckpt = run_dir / "ckpt.pt"
-            kept = f"{ckpt} keeps the last good checkpoint" if ckpt.exists() else "no checkpoint written"
-            raise SystemExit(f"error: {e}; the run stopped, {kept}") from None
+    cfg, world = distributed.setup(cfg)
+    try:
+        with checkpoint.run_folder(Path(cfg.out_dir) / cfg.name, args.resume or args.export_only,
+                                   args.overwrite, hold=world.main) as run_dir:
+            distributed.barrier()                        # rank 0 has checked (and cleared) the folder
+            try:
+                if args.eval_only:
+                    return evaluate_only(cfg, run_dir, eval_fn, eval_set, world=world)
+                if args.export_only:
+                    return export_checkpoint(cfg, run_dir, world)
+                return run(cfg, run_dir, args.resume, reward_fn, train_set=train_set, eval_set=eval_set,
+                           eval_fn=eval_fn, world=world)
+            except checkpoint.CorruptFile as e:
+                raise SystemExit(f"error: {e}") from None
+            except FloatingPointError as e:
+                last = (checkpoint.step_folders(run_dir) or [run_dir / "ckpt.pt"])[-1]
+                kept = f"{last} keeps the last good checkpoint" if last.exists() else "no checkpoint written"
+                raise SystemExit(f"error: {e}; the run stopped, {kept}") from None
+    finally:
+        distributed.teardown()
 
 
 def write_summary(run_dir: Path, summary: dict):
@@ -168,84 +241,167 @@ def write_summary(run_dir: Path, summary: dict):
     checkpoint.atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
 
 
-def evaluate_only(cfg, run_dir: Path, eval_fn, eval_set, log=print) -> dict:
+def evaluate_only(cfg, run_dir: Path, eval_fn, eval_set, log=print, world=distributed.World()) -> dict:
     """--eval_only: the policy of --model on --eval_prompts at each CFG scale; summary.json and grids."""
     summary = {"config": dataclasses.asdict(cfg), "seconds": {}}
-    policy = build_policy(cfg)
+    policy = build_policy(cfg, world=world)
     check_fits(policy, cfg)
-    evaluate.evaluate_stage(policy, cfg, run_dir, "eval", summary, log, eval_set, eval_fn)
-    write_summary(run_dir, summary)
-    log(f"artifacts in {run_dir}/")
+    evaluate_all(policy, cfg, run_dir, "eval", summary, log, eval_set, eval_fn, world)
+    if world.main:
+        write_summary(run_dir, summary)
+        log(f"artifacts in {run_dir}/")
     return summary
 
 
-def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print, train_set=None, eval_set=None,
-        eval_fn=None) -> dict:
-    """SFT (toy), evaluation, UniGRPO steps with checkpoints, evaluation, artifacts. eval_fn scores the
-    evaluation (default: reward_fn)."""
-    eval_fn = eval_fn or reward_fn
-    ckpt, metrics = run_dir / "ckpt.pt", run_dir / "metrics.jsonl"
-    state = checkpoint.load_training(ckpt) if resume and ckpt.exists() else None
-    if state is not None:
-        checkpoint.check_same_run(state["config"], cfg, ckpt)
+def evaluate_all(policy, cfg, run_dir, stage, summary, log, eval_set, eval_fn, world):
+    """One evaluation stage on the unsharded weights; under torchrun every rank computes the same
+    numbers and rank 0 writes."""
+    with distributed.unsharded(policy):
+        evaluate.evaluate_stage(policy, cfg, run_dir, stage, summary, log if world.main else _quiet,
+                                eval_set, eval_fn, write=world.main)
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def find_checkpoint(cfg, run_dir: Path, world):
+    """The newest checkpoint of the run, its config checked against cfg before any model work: torchrun's
+    step folders (any rank count, DCP) first, then one process's ckpt.pt (loaded here); None if there
+    is none."""
+    steps = checkpoint.step_folders(run_dir)
+    if steps:
+        meta = checkpoint.read_json(steps[-1] / "state.json")
+        checkpoint.check_same_run(meta.get("config", {}) if isinstance(meta, dict) else {}, cfg, steps[-1])
+        return steps[-1]
+    ckpt = run_dir / "ckpt.pt"
+    if not ckpt.exists():
+        return None
+    if world.on:
+        raise SystemExit(f"error: {ckpt} was written by one process (python train.py); resume it the same "
+                         f"way, or start over with --overwrite")
+    state = checkpoint.load_training(ckpt)
+    checkpoint.check_same_run(state["config"], cfg, ckpt)
+    return state
+
+
+def resume_state(saved, cfg, policy, opt, gen, ref_id, world, log) -> int:
+    """Load a checkpoint of find_checkpoint into policy, optimizer and generator: the RL step to go on
+    from (0: none)."""
+    if saved is None:
+        return 0
+    if isinstance(saved, Path):
+        start = checkpoint.load_step(saved, policy, opt, gen, cfg, world)
+        log(f"resumed from {saved} at RL step {start}")
+        return start
+    if set(saved["policy"]) != set(policy.state_dict()):
+        raise SystemExit("error: ckpt.pt holds the weights of another model; --overwrite starts over")
+    ref = saved.get("ref")                                # a fingerprint (older checkpoints: weights)
+    ref = checkpoint.fingerprint(ref) if isinstance(ref, dict) else ref
+    if ref is not None and ref_id is not None and ref != ref_id:
+        raise SystemExit("error: ckpt.pt: the frozen reference differs from the one this run started "
+                         "from (its SFT was retrained on another CPU or thread count?)")
+    policy.load_state_dict(saved["policy"])
+    opt.load_state_dict(saved["opt"])
+    gen.set_state(saved["gen"])
+    log(f"resumed from ckpt.pt at RL step {saved['step']}")
+    return saved["step"]
+
+
+def save_state(cfg, run_dir: Path, step: int, policy, opt, gen, ref_id, world):
+    if world.on:
+        checkpoint.save_step(run_dir, step, policy, opt, gen, cfg, world, cfg.ckpt_keep)
     else:
-        metrics.unlink(missing_ok=True)                  # an unfinished run with no checkpoint starts over
+        checkpoint.save_training(run_dir / "ckpt.pt", step, policy, opt, gen, cfg, ref_id)
+
+
+def export(policy, cfg, run_dir: Path, world):
+    """The trained policy in the official layout at --export_to (default <run>/model), in cfg.dtype,
+    streamed tensor by tensor; LoRA adapters merged."""
+    folder = Path(cfg.export_to) if cfg.export_to else run_dir / "model"
+    checkpoint.save_pretrained(policy, folder, int(cfg.export_shard_gb * 2 ** 30) or None,
+                               dtype=getattr(torch, cfg.dtype), write=world.main)
+    distributed.barrier()
+    return folder
+
+
+def export_checkpoint(cfg, run_dir: Path, world, log=print):
+    """--export_only: the run's newest checkpoint to --export_to, no training."""
+    saved = find_checkpoint(cfg, run_dir, world)
+    if saved is None:
+        raise SystemExit(f"error: {run_dir} holds no checkpoint to export")
+    policy = build_policy(cfg, world=world)
+    if cfg.lora_rank and not lora.is_lora(policy):
+        lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_experts, seed=cfg.seed)
+    opt = unigrpo.make_optimizer(policy, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    step = resume_state(saved, cfg, policy, opt, gen, None, world, log if world.main else _quiet)
+    folder = export(policy, cfg, run_dir, world)
+    if world.main:
+        log(f"exported the policy of RL step {step} to {folder}/")
+    return folder
+
+
+def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print, train_set=None, eval_set=None,
+        eval_fn=None, world=distributed.World()) -> dict:
+    """SFT (toy), evaluation, UniGRPO steps with checkpoints, evaluation, artifacts. eval_fn scores the
+    evaluation (default: reward_fn). Under torchrun each rank rolls out its share of every step's
+    groups; rank 0 logs and writes."""
+    eval_fn, log = eval_fn or reward_fn, log if world.main else _quiet
+    metrics = run_dir / "metrics.jsonl"
+    saved = find_checkpoint(cfg, run_dir, world) if resume else None
     summary = {"config": dataclasses.asdict(cfg), "seconds": {}}
     torch.manual_seed(cfg.seed)
 
-    policy = build_policy(cfg)
+    policy = build_policy(cfg, world=world)
     check_fits(policy, cfg)
-    if state is not None and set(state["policy"]) != set(policy.state_dict()):
-        raise SystemExit(f"error: {ckpt} holds the weights of another model; --overwrite starts over")
     summary["seconds"]["sft"] = toy_policy.sft(policy, cfg, Path(cfg.out_dir) / "sft-cache", log)
-    evaluate.evaluate_stage(policy, cfg, run_dir, "before", summary, log, eval_set, eval_fn)
+    evaluate_all(policy, cfg, run_dir, "before", summary, log, eval_set, eval_fn, world)
 
-    ref, ref_id = None, None                             # theta_ref: the policy RL starts from
-    if unigrpo.needs_reference(cfg):
-        ref = unigrpo.reference_policy(lambda: build_policy(cfg, start=policy))
-        ref_id = checkpoint.fingerprint(ref.state_dict())
+    ref, ref_id = start_rl(cfg, policy, world)           # theta_ref: the policy RL starts from
     opt = unigrpo.make_optimizer(policy, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    start = 0
-    if state is not None:
-        saved = state.get("ref")                          # a fingerprint (older checkpoints: weights)
-        saved = checkpoint.fingerprint(saved) if isinstance(saved, dict) else saved
-        if saved is not None and saved != ref_id:
-            raise SystemExit(f"error: {ckpt}: the frozen reference differs from the one this run "
-                             f"started from (its SFT was retrained on another CPU or thread count?)")
-        policy.load_state_dict(state["policy"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        start = state["step"]
+    gen = torch.Generator().manual_seed(cfg.seed + 2)    # what every rank shares: windows, stream keys
+    start = resume_state(saved, cfg, policy, opt, gen, ref_id, world, log)
+    if start and world.main:
         checkpoint.truncate_jsonl(metrics, start)
-        log(f"resumed from {ckpt} at RL step {start}")
+    elif world.main:
+        metrics.unlink(missing_ok=True)                  # an unfinished run with no checkpoint starts over
 
+    sink = metrics_sink(cfg, run_dir) if world.main else None
     t0 = time.time()
-    for step in (bar := tqdm(range(start, cfg.rl_steps), desc="UniGRPO", dynamic_ncols=True, disable=None)):
+    bar = tqdm(range(start, cfg.rl_steps), desc="UniGRPO", dynamic_ncols=True, disable=None if world.main else True)
+    for step in bar:
         ts = time.time()
+        mine, first = distributed.my_prompts(train_batch(cfg, train_set, step), world)
         try:
-            ro = unigrpo.rollout(policy, train_batch(cfg, train_set, step), reward_fn, cfg, gen)
+            with distributed.unsharded(policy):
+                ro = unigrpo.rollout(policy, mine, reward_fn, cfg, gen, first_row=first * cfg.group_size)
             tr = time.time()
             stats = unigrpo.update(policy, ref, opt, ro, cfg, gen)
         except FloatingPointError as e:
             raise FloatingPointError(f"RL step {step}: {e}") from None
         te = time.time()
         record = {"step": step, **unigrpo.rollout_stats(ro, cfg.group_size), **stats,
-                  "step_time": te - ts, "rollout_time": tr - ts, "images_per_s": len(ro.rewards) / (tr - ts),
-                  "peak_mem_gb": peak_memory_gb(cfg.device)}
-        log_jsonl(metrics, record)
+                  "step_time": te - ts, "rollout_time": tr - ts, "peak_mem_gb": peak_memory_gb(cfg.device)}
+        record = distributed.mean_over_ranks(record)
+        record["images_per_s"] = len(ro.rewards) * world.size / record["rollout_time"]
+        if world.main:
+            log_jsonl(metrics, record)
+            if sink is not None:
+                sink(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.3f}")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.rl_steps:
-            checkpoint.save_training(ckpt, step + 1, policy, opt, gen, cfg, ref_id)
+            save_state(cfg, run_dir, step + 1, policy, opt, gen, ref_id, world)
     summary["seconds"]["rl"] = time.time() - t0
 
-    evaluate.evaluate_stage(policy, cfg, run_dir, "after", summary, log, eval_set, eval_fn)
-    if metrics.exists() and metrics.stat().st_size:
+    evaluate_all(policy, cfg, run_dir, "after", summary, log, eval_set, eval_fn, world)
+    if world.main and metrics.exists() and metrics.stat().st_size:
         evaluate.plot_curve(run_dir / "reward_curve.png", metrics)
-    if cfg.save_model and cfg.model != "toy":
-        checkpoint.save_pretrained(policy, run_dir / "model", int(cfg.export_shard_gb * 2 ** 30) or None)
-    write_summary(run_dir, summary)
-    log(f"artifacts in {run_dir}/")
+    if (cfg.save_model and cfg.model != "toy") or cfg.export_to:
+        export(policy, cfg, run_dir, world)
+    if world.main:
+        write_summary(run_dir, summary)
+        log(f"artifacts in {run_dir}/")
     return summary
 
 

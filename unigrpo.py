@@ -16,8 +16,8 @@ Glossary: B prompts per step, G group size, R = B*G rows, T reasoning tokens, K 
 N latent tokens, D latent token dim; A advantages (R,), r ratio, theta policy, theta_ref reference.
 
 Deviations / borrowed defaults (each a Config field, its paper value noted there):
-- Minibatches are shuffled rows: advantages are computed once per rollout, so a minibatch never
-  needs its group.
+- Minibatches take an equal shuffled share of every group (minibatches must divide G): advantages
+  are computed once per rollout, and every rank then holds the same share of every minibatch.
 - `train_parts="text"|"image"` freezes the other expert AND drops its loss term (the paper's
   TextGRPO-only / FlowGRPO-only baselines); "both" is UniGRPO.
 - `text_kl > 0` (paper: 0) adds TRL's k3 KL to the frozen reference on reasoning tokens: the remedy
@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from einops import rearrange
 
 import losses
@@ -57,6 +58,7 @@ class Rollout:
     images: torch.Tensor         # (R, 3, H, W) in [0, 1]
     rewards: torch.Tensor        # (R,)
     advantages: torch.Tensor     # (R,), Eq. (1), shared by the text and image actions of a row
+    first_row: int = 0           # global index of row 0 (its rank's offset): keys the minibatch draw
 
 
 def _texts(prompts) -> list[str]:
@@ -81,7 +83,7 @@ def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), tempera
     R = thoughts.ids.shape[0]
     uctx = policy.context(uncond_thoughts(policy, R)) if cfg.cfg_scale != 1.0 else None
     N, D = policy.latent_shape(cfg.image_hw)
-    x_1 = torch.randn((R, N, D), generator=generator, device=generator.device).to(policy.device)
+    x_1 = sampler.draw((R, N, D), generator, policy.device)
     grid = sampler.timesteps(steps, cfg.shift)
 
     def velocity_fn(x_t, t):
@@ -93,14 +95,33 @@ def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), tempera
     return thoughts, traj, images
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of every rank in rank order (each rank holds as many, whole groups); one process: x."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 @torch.no_grad()
-def rollout(policy, prompts, reward_fn, cfg: Config, generator) -> Rollout:
+def rollout(policy, prompts, reward_fn, cfg: Config, generator, first_row: int = 0) -> Rollout:
     """Sample G (reasoning, image) trajectories per prompt, score the images, and compute Eq. (1).
-    Generation runs rollout_batch prompts at a time (0: all), all on one SDE window."""
+    `generator` draws what the whole batch shares (the SDE window, the key of the row streams): every
+    rank holds the same one. Row i's own randomness (reasoning tokens, noise) is sampler.RowStreams
+    keyed by its global index first_row + i, so the numbers do not depend on the rank count or on
+    rollout_batch. Generation runs rollout_batch prompts at a time (0: all), on one SDE window;
+    advantages are over the rows of every rank (a group never spans ranks)."""
     G = cfg.group_size
     window = sampler.sde_window(cfg.num_steps, cfg.window_start, cfg.window_size, generator=generator)
+    streams = sampler.RowStreams(torch.randint(2 ** 62, (1,), generator=generator).item(),
+                                 range(first_row, first_row + len(prompts) * G))
     size = cfg.rollout_batch or len(prompts)
-    parts = [generate(policy, prompts[i:i + size], cfg, generator, n=G, window=window)
+    parts = [generate(policy, prompts[i:i + size], cfg, streams[i * G:(i + size) * G], n=G, window=window)
              for i in range(0, len(prompts), size)]
     thoughts, traj, images = zip(*parts)
     thoughts, traj, images = Thoughts.cat(thoughts), sampler.Trajectory.cat(traj), torch.cat(images)
@@ -109,16 +130,19 @@ def rollout(policy, prompts, reward_fn, cfg: Config, generator) -> Rollout:
     if not torch.isfinite(rewards).all():
         raise FloatingPointError(f"the reward model returned non-finite rewards "
                                  f"({int((~torch.isfinite(rewards)).sum())} of {len(rows)})")
-    A = losses.group_advantages(rewards, G, std=cfg.adv_std, scope=cfg.adv_scope)
+    A = losses.group_advantages(all_rows(rewards), G, std=cfg.adv_std, scope=cfg.adv_scope)
     A = losses.clamp_advantages(A, cfg.adv_clip_max)          # once, so text and image actions share it
-    return Rollout(rows, thoughts, traj, images, rewards, A)
+    mine = _rank() * len(rows)                                 # this rank's rows of the gathered batch
+    return Rollout(rows, thoughts, traj, images, rewards, A[mine:mine + len(rows)], first_row)
 
 
 def rollout_stats(ro: Rollout, G: int) -> dict:
-    spread = rearrange(ro.rewards, "(b g) -> b g", g=G).std(dim=1)
-    return {"reward_mean": ro.rewards.mean().item(), "reward_std": ro.rewards.std().item(),
+    """Reward and reasoning statistics over the rows of every rank."""
+    rewards, lengths = all_rows(ro.rewards), all_rows(ro.thoughts.mask.sum(1).float())
+    spread = rearrange(rewards, "(b g) -> b g", g=G).std(dim=1)
+    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
             "zero_spread_groups": (spread < 1e-8).float().mean().item(),
-            "reasoning_len": ro.thoughts.mask.sum(1).float().mean().item()}
+            "reasoning_len": lengths.mean().item()}
 
 
 # ------------------------------------------------------------------------------------------------ update
@@ -174,9 +198,10 @@ def window_step(traj: sampler.Trajectory, idx, v, cfg: Config) -> sampler.SDESte
 
 
 def _velocities(policy, thoughts, x_t, t, uncond, cfg):
-    out = policy.train_forward(thoughts, x_t, t, image_hw=cfg.image_hw)
+    # policy(...) is train_forward through __call__, where FSDP's root hooks gather the root's weights
+    out = policy(thoughts, x_t, t, image_hw=cfg.image_hw)
     if uncond is not None:
-        v_u = policy.train_forward(uncond, x_t, t, image_hw=cfg.image_hw).v
+        v_u = policy(uncond, x_t, t, image_hw=cfg.image_hw).v
         out = dataclasses.replace(out, v=guided_velocity(out.v, v_u, cfg.cfg_scale))
     return out
 
@@ -243,10 +268,22 @@ def unified_objective(policy, ref_out, ro: Rollout, idx, cfg: Config, uncond=Non
     return J, stats
 
 
+def minibatch_rows(G: int, minibatches: int, first_row: int, R: int, generator) -> list[torch.Tensor]:
+    """One epoch's minibatches of local rows 0..R-1: each group's G rows are shuffled by a stream keyed by
+    its global group index, and minibatch m takes the m-th G/minibatches of every group. So every
+    minibatch sees every group, and every rank holds the same share of it: the global minibatches, and
+    the gradient FSDP averages over ranks, are those of one process (the key comes from `generator`)."""
+    key = torch.randint(2 ** 62, (1,), generator=generator).item()
+    first_group = first_row // G
+    streams = sampler.RowStreams(key, range(first_group, first_group + R // G))
+    order = streams.draw((G,), uniform=True).argsort(1) + torch.arange(0, R, G)[:, None]     # (groups, G)
+    return [part.flatten() for part in order.chunk(minibatches, dim=1)]
+
+
 def update(policy, ref, optimizer, ro: Rollout, cfg: Config, generator) -> dict:
-    """The unified update: ppo_epochs passes over shuffled minibatches, one optimizer step each; a
-    minibatch runs forward/backward micro_batch rows at a time (0: at once), each micro-batch's
-    objective weighted by its share of rows, so the gradient is the minibatch's."""
+    """The unified update: ppo_epochs passes over shuffled minibatches (minibatch_rows), one optimizer
+    step each; a minibatch runs forward/backward micro_batch rows at a time (0: at once), each
+    micro-batch's objective weighted by its share of rows, so the gradient is the minibatch's."""
     policy.train()
     R = ro.rewards.shape[0]
     uncond = uncond_thoughts(policy, R) if cfg.cfg_scale != 1.0 else None
@@ -254,8 +291,8 @@ def update(policy, ref, optimizer, ro: Rollout, cfg: Config, generator) -> dict:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     history = []
     for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(R, generator=generator, device=generator.device).to(ro.rewards.device)
-        for idx in perm.chunk(cfg.minibatches):
+        for idx in minibatch_rows(cfg.group_size, cfg.minibatches, ro.first_row, R, generator):
+            idx = idx.to(ro.rewards.device)
             optimizer.zero_grad(set_to_none=True)
             micro = idx.split(cfg.micro_batch) if cfg.micro_batch else (idx,)
             stats = {}
@@ -265,7 +302,8 @@ def update(policy, ref, optimizer, ro: Rollout, cfg: Config, generator) -> dict:
                 (J * share).backward()
                 for k, v in part_stats.items():
                     stats[k] = stats.get(k, 0.0) + v * share
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            stats["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
             for name in ("loss", "grad_norm"):
                 if not math.isfinite(stats[name]):   # a NaN step would poison every later one
                     raise FloatingPointError(f"non-finite {name.replace('_', ' ')} ({stats[name]}) in the "

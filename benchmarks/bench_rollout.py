@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import config  # noqa: E402
 import sampler  # noqa: E402
 import toy_policy  # noqa: E402
-from policy import Thoughts  # noqa: E402
+from policy import Thoughts, sample_tokens  # noqa: E402
 
 PROMPT = "one plus two red circles"
 
@@ -61,7 +61,7 @@ def naive_rollout(policy, n, tokens, grid, x_1, seed):
         probe = torch.cat([ids, torch.full((n, 1), c.pad_id)], 1)       # the slot being predicted
         logits = policy.packed_forward(
             _rows(prompt, probe, n, j + 1), no_blocks, no_t)[0][:, j].float()
-        tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+        tok = sample_tokens(logits, 1.0, g)
         lp = torch.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
         ids = torch.cat([ids, torch.where(alive, tok, c.pad_id)[:, None]], 1)
         mask.append(alive)

@@ -1,5 +1,6 @@
 """The benchmark scripts run on public functions: the comparisons table (the one RESULTS.md shows) from
-finished runs, and the verifier's throughput check."""
+finished runs, the verifier's throughput check, the rollout, the attention and the load-memory benchmarks
+at tiny sizes."""
 import json
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_attention  # noqa: E402
+import bench_load_memory  # noqa: E402
 import bench_verifier  # noqa: E402
 import toy_comparisons  # noqa: E402
 from reward import CATEGORIES  # noqa: E402
@@ -50,3 +53,28 @@ def test_rollout_benchmark_paths_agree():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "same tokens: True" in out.stdout and "speed-up naive / cached" in out.stdout
+
+
+def test_attention_benchmark_prints_its_table(capsys):
+    tiny = ["--sizes=64", "--repeats=1", "--layers=1", "--hidden=128", "--text=40", "--ragged=8"]
+    bench_attention.main([*tiny, "--no_memory"])
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[:2] == ["64", "16"] and len(row) == 13
+    assert all(float(x) > 0 for x in row[3:8])          # three times and the two ratios to the bound
+    bench_attention.main([*tiny, "--measure=blocks,64"])  # one memory probe (a fresh process's body)
+    assert json.loads(capsys.readouterr().out)["peak"] >= 0
+
+
+def test_load_memory_benchmark_prints_its_table(tmp_path, capsys):
+    folder = tmp_path / "ckpt"              # about 2M parameters: a plain process, then 2 ranks
+    records = bench_load_memory.main(["--make", str(folder), "--params=2e6", "--load", str(folder),
+                                      "--ranks=2", "--modes=plain,sharded"])
+    out = capsys.readouterr().out
+    assert (folder / "ema.safetensors").is_file() and "parameters" in out and "checksum" in out
+    plain, *ranks = records
+    assert plain["mode"] == "plain" and [r["rank"] for r in ranks] == [0, 1]
+    assert plain["held_bytes"] == plain["model_bytes"] == sum(r["held_bytes"] for r in ranks)
+    assert all(r["checksum"] == pytest.approx(plain["checksum"], rel=1e-6) for r in ranks)  # all read
+    assert all(r["touched_kib"] >= r["peak_kib"] >= r["start_kib"] > 0 for r in records)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| plain (", "| sharded rank"))]
+    assert len(rows) == 3 and all(ln.count("|") == 14 for ln in rows)

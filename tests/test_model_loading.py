@@ -207,15 +207,27 @@ def test_image_size_errors_and_missing_codec(ckpt):
 
 def test_sharded_export_streams_and_round_trips(ckpt, id_tokenizer, tmp_path, monkeypatch):
     """save_pretrained(max_shard_bytes=...) writes size-capped shards and an index that from_pretrained
-    reads back; each shard is the only host copy while it is written; re-exporting replaces the files."""
+    reads back; tensors stream one at a time (none is fetched before the previous one is written);
+    re-exporting replaces the files."""
     pol = checkpoint.from_pretrained(ckpt, dtype=torch.float32, tokenizer=id_tokenizer)
     state = pol.model.state_dict()
     cap = 64 * 1024
-    written = []
-    real = checkpoint.save_file
-    monkeypatch.setattr(checkpoint, "save_file", lambda d, p: (written.append(d), real(d, p))[1])
+    written, live = [], []
+    real = checkpoint.write_safetensors
+
+    def spy(path, entries):
+        def tracked(get):
+            def fetch():
+                live.append(len(live))       # a fetch while an earlier tensor is unwritten would show as >1
+                return get()
+            return fetch
+        written.append({k: torch.empty(shape, dtype=kind) for k, (kind, shape, _) in entries.items()})
+        return real(path, {k: (kind, shape, tracked(get)) for k, (kind, shape, get) in entries.items()})
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", spy)
     out = tmp_path / "sharded"
     checkpoint.save_pretrained(pol, out, max_shard_bytes=cap)
+    assert len(live) == len(state)
     sizes = [sum(v.numel() * v.element_size() for v in d.values()) for d in written]
     assert len(written) > 3 and all(s <= cap or len(d) == 1 for s, d in zip(sizes, written))
     index = json.loads((out / "ema.safetensors.index.json").read_text())

@@ -203,7 +203,7 @@ def _agreement(policy, th, image_hw, K=2, seed=0):
 
 def test_agreement_toy_ragged(toy, tok):
     th = toy.think(["red circle", "two plus one blue square"], n=4, max_new_tokens=6,
-                   temperature=0.7, generator=torch.Generator().manual_seed(2))
+                   temperature=0.7, generator=torch.Generator().manual_seed(0))
     lens = th.mask.sum(1).tolist()
     # ragged, truncated and stopped rows
     assert len(set(lens)) >= 3 and max(lens) == 6 and min(lens) < 6, lens

@@ -153,3 +153,20 @@ def test_sft_cache_is_reused_for_the_same_data_and_not_after_a_data_change(tmp_p
     # new data: trained again
     assert toy_policy.sft(train.build_policy(cfg), cfg, tmp_path, print) > 0
     assert len(list(tmp_path.glob("sft-*"))) == 2
+
+
+def test_log_to_needs_its_package_and_logs_every_record(tmp_path, monkeypatch):
+    """--log_to stops before any work when its package is missing; with it, each record reaches it."""
+    import sys
+    import types
+    cfg = config.preset("toy", log_to="wandb")
+    monkeypatch.setitem(sys.modules, "wandb", None)                    # not installed
+    with pytest.raises(SystemExit, match="needs the wandb package"):
+        train.metrics_sink(cfg, None)
+    logged = []
+    fake = types.SimpleNamespace(init=lambda **kw: logged.append(("init", kw["name"])),
+                                 log=lambda record, step: logged.append((step, record["reward_mean"])))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    sink = train.metrics_sink(cfg, tmp_path)
+    sink({"step": 3, "reward_mean": 0.5})
+    assert logged == [("init", "toy"), (3, 0.5)]

@@ -208,7 +208,7 @@ def test_reference_outputs_once_per_rollout_equal_the_per_minibatch_ones(policy,
     def counted(*a, **k):
         calls["ref"] += 1
         return real(*a, **k)
-    monkeypatch.setattr(ref, "train_forward", counted)
+    monkeypatch.setattr(ref, "forward", counted)                 # what ref(...) runs
     net = reference_of(policy)                         # a copy: the module's policy stays as it is
     unigrpo.update(net, ref, unigrpo.make_optimizer(net, cfg), ro, cfg, torch.Generator().manual_seed(1))
     assert calls["ref"] == cfg.minibatches           # R // minibatches rows a chunk, once: not epochs x
@@ -256,3 +256,36 @@ def test_rollout_in_prompt_chunks_keeps_groups_and_shapes(policy):
     assert ro.thoughts.mask.any() and lr.abs().max() < 1e-4
     new = unigrpo.window_step(ro.traj, torch.arange(R), out.v, cfg)
     assert losses.log_ratio(new.log_prob, ro.traj.log_prob).abs().max() < 1e-4
+
+
+def test_minibatches_take_an_equal_share_of_every_group_and_ignore_the_rank_split():
+    """Each epoch's minibatches partition the rows, every minibatch holds G/minibatches rows of every
+    group, and the rows a rank sees are the global minibatch's rows of its groups (world-size invariance)."""
+    G, M, B = 6, 3, 4
+    whole = unigrpo.minibatch_rows(G, M, 0, B * G, torch.Generator().manual_seed(5))
+    assert sorted(torch.cat(whole).tolist()) == list(range(B * G))
+    for part in whole:
+        assert torch.bincount(part // G, minlength=B).tolist() == [G // M] * B
+    halves = [unigrpo.minibatch_rows(G, M, first, B * G // 2, torch.Generator().manual_seed(5))
+              for first in (0, B * G // 2)]
+    for m, part in enumerate(whole):
+        split = torch.cat([halves[0][m], halves[1][m] + B * G // 2])
+        assert sorted(split.tolist()) == sorted(part.tolist())
+    other = unigrpo.minibatch_rows(G, M, 0, B * G, torch.Generator().manual_seed(6))
+    assert any(not torch.equal(a, b) for a, b in zip(whole, other))       # the key shuffles
+
+
+def test_rollout_rows_do_not_depend_on_the_generation_batch():
+    """Row i's randomness is keyed by its global index: rolling out in chunks of one prompt, or as the
+    second half of a batch (first_row), gives the same reasoning, trajectories and images."""
+    cfg = small_cfg(prompts_per_step=2, group_size=2)
+    policy = toy_policy.build_policy(0, "cpu")
+    batch = toy.train_prompts(0, 0, 2)
+    a = unigrpo.rollout(policy, batch, toy.ToyReward(), cfg, torch.Generator().manual_seed(3))
+    b = unigrpo.rollout(policy, batch, toy.ToyReward(), dataclasses.replace(cfg, rollout_batch=1),
+                        torch.Generator().manual_seed(3))
+    second = unigrpo.rollout(policy, batch[1:], toy.ToyReward(), cfg, torch.Generator().manual_seed(3),
+                             first_row=2)
+    for x, y in ((a.traj.x_0, b.traj.x_0), (a.images, b.images), (a.thoughts.logp, b.thoughts.logp),
+                 (a.traj.x_0[2:], second.traj.x_0), (a.thoughts.ids[2:], second.thoughts.ids)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
