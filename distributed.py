@@ -137,8 +137,10 @@ def shard(policy, cfg):
     master copy; the all-gathered copy and the compute are in cfg.dtype, gradients reduce in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     compute = getattr(torch, cfg.dtype)
+    # inputs stay as given: the model casts them itself, so the update's velocities come back in x_t's
+    # fp32 as the rollout's did (a bf16 x_t would round v and move the ratios off 1)
     mp = MixedPrecisionPolicy(param_dtype=None if compute == torch.float32 else compute,
-                              reduce_dtype=torch.float32)
+                              reduce_dtype=torch.float32, cast_forward_inputs=False)
     for layer in layers(policy):
         fully_shard(layer, mp_policy=mp)
     fully_shard(policy, mp_policy=mp)

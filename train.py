@@ -6,14 +6,18 @@
     python train.py --bagel --model=/path/to/BAGEL-7B-MoT --prompts=train.txt --reward=clip:/path/to/clip
     python train.py --bagel --model=runs/bagel/model --eval_only --eval_prompts=evaluation_metadata.jsonl \
         --reward=geneval:/path/to/geneval --eval_cfg=1,4   # evaluate a folder, with and without CFG
+    torchrun --nproc_per_node=8 train.py --bagel --model=... --prompts=... --reward=...   # FSDP2, same numbers
+    python train.py --bagel --model=... --name=NAME --export_only --export_to=DIR        # a checkpoint, exported
 
 main() reads as a handful of named calls at every scale: the algorithm is in unigrpo.py, the equations in
 losses.py and sampler.py, the model in model.py, the config in config.py, checkpoints in checkpoint.py, the
 toy world in toy.py and its base policy in toy_policy.py, prompt files in prompts.py, reward models in
-reward.py (GenEval's rules in geneval.py), evaluation in evaluate.py.
+reward.py (GenEval's rules in geneval.py), evaluation in evaluate.py, ranks and sharding in distributed.py,
+adapters in lora.py.
 Artifacts in <out_dir>/<name>/: metrics.jsonl, grid_before.png / grid_after.png (more CFG scales:
 grid_<stage>_cfg<s>.png), reward_curve.png, summary.json, ckpt.pt (atomic; `--resume` continues exactly where
-it stopped), model/ (--bagel: the trained policy in the official layout).
+it stopped; under torchrun ckpt/step-N/, DCP), model/ (--bagel: the trained policy in the official layout;
+--export_to elsewhere).
 """
 from __future__ import annotations
 

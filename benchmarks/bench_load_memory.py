@@ -3,7 +3,7 @@ process.
 
     .venv/bin/python benchmarks/bench_load_memory.py --make FOLDER [--params 0.6e9] [--hidden 1024]
     .venv/bin/python benchmarks/bench_load_memory.py --load FOLDER [--ranks 2]
-        [--modes plain,sharded,sharded_reopen,sharded_pread] [--json]
+        [--modes plain,sharded] [--json]
 
 --make writes a random-initialised checkpoint in the official layout (llm_config.json,
 bagel_config.json, ema.safetensors: the keys of BagelMoT(cfg).state_dict(), fp32) of about --params
@@ -18,10 +18,6 @@ never holds the model, let alone two copies.
     sharded        torchrun --standalone --nproc_per_node=RANKS (gloo, CPU): from_pretrained(folder,
                    dtype=torch.float32, prepare=distributed.shard): the model on the meta device, FSDP2
                    fully_shard per decoder layer + root, to_empty, each rank reading its rows
-    sharded_reopen a what-if: the same, with checkpoint._safetensors swapped (in this benchmark's
-                   worker only) for a reader that opens a fresh mapping per tensor
-    sharded_pread  a what-if: the same, with a reader that preads each rank's rows into a tensor, no
-                   memory map
 Each process then reads every weight it holds once (the "touch": the plain model is still the lazy
 file mapping after from_pretrained), and prints one row of a table; its notes say what each column
 means. In short: ru_maxrss (KiB on Linux) is the resident high-water mark, and it counts the pages of
@@ -29,12 +25,9 @@ the memory-mapped safetensors file the process touched (page-cache pages, not a 
 process's own (anonymous) memory, which is why RssAnon and RssFile are polled beside it. A checksum
 (the sum of every weight, over the ranks) shows all the processes read the same weights.
 
-Measured (588M parameters, 2244 MiB fp32, 2 ranks, Linux 6.18, ext4): a rank holds 0.50 of the model
-and its anon memory grows by exactly that, but its ru_maxrss grows by about 1.08 of the model: the
-mapping of the whole file stays open for the whole load, so each rank's rows (plus up to a page-cache
-folio, 256 KiB to 2 MiB, past each slice's ends) stay resident as file pages until the end. With a
-fresh mapping per tensor (reopen) the peak grows by 0.51; with pread by 0.54 (the shard plus the two
-slices in flight: the loader's `rows` lives until the next one replaces it).
+Why the loader opens a fresh mapping per tensor: with one mapping of the whole file for the whole load,
+each rank's slices stayed resident as file pages until the end, and its ru_maxrss grew by about 1.08 of
+the model while it held 0.50 (588M parameters, 2 ranks); per tensor, the pages leave with the slice.
 """
 import argparse
 import json
@@ -47,7 +40,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 # run from anywhere: the repo's flat modules
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -155,92 +147,6 @@ def maxrss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # KiB on Linux
 
 
-class PreadFile:
-    """What-if reader for checkpoint._safetensors (not the repo's): the same keys / get_slice / get_tensor,
-    each slice read with os.preadv into a fresh tensor, no memory map, so no file page enters the RSS."""
-
-    def __init__(self, path, device="cpu"):
-        self.fd = os.open(path, os.O_RDONLY)
-        n = int.from_bytes(os.pread(self.fd, 8, 0), "little")
-        self.header = json.loads(os.pread(self.fd, n, 8))
-        self.header.pop("__metadata__", None)
-        self.base = 8 + n
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-
-    def keys(self):
-        return list(self.header)
-
-    def get_slice(self, key):
-        return _PreadSlice(self, self.header[key])
-
-    def get_tensor(self, key):
-        return self.get_slice(key)[:]
-
-
-class _PreadSlice:
-    def __init__(self, file, meta):
-        self.file, self.meta = file, meta
-        self.dtype = checkpoint._ST_DTYPES_BACK[meta["dtype"]]
-
-    def get_shape(self):
-        return list(self.meta["shape"])
-
-    def get_dtype(self):
-        return self.meta["dtype"]
-
-    def __getitem__(self, rows):                  # rows of dim 0: one contiguous byte range
-        shape = self.meta["shape"]
-        if not shape:
-            first, count = 0, 1
-        else:
-            first, stop, _ = rows.indices(shape[0])
-            count = max(stop - first, 0)
-        out = torch.empty((count, *shape[1:]) if shape else (), dtype=self.dtype)
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        at = self.file.base + self.meta["data_offsets"][0] + first * (out[0].nbytes if shape else 0)
-        while len(buf):
-            got = os.preadv(self.file.fd, [buf], at)
-            if got <= 0:
-                raise OSError(f"short read at byte {at}")
-            buf, at = buf[got:], at + got
-        return out
-
-
-class ReopenFile:
-    """What-if reader for checkpoint._safetensors (not the repo's): a fresh safetensors mapping for each
-    get_slice / get_tensor, as a per-tensor open in _load_prepared would give: a slice's file pages
-    leave the RSS once the slice is dropped (here: when the loader's next `rows` replaces it)."""
-
-    def __init__(self, path, device="cpu"):
-        self.path = str(path)
-        with safe_open(self.path, framework="pt") as s:
-            self.names = list(s.keys())
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def keys(self):
-        return self.names
-
-    def get_slice(self, key):
-        return safe_open(self.path, framework="pt").get_slice(key)
-
-    def get_tensor(self, key):
-        with safe_open(self.path, framework="pt") as s:
-            return s.get_tensor(key)
-
-
-READERS = {"sharded_reopen": ReopenFile, "sharded_pread": PreadFile}
-
-
 def worker(folder: Path, mode: str):
     """One process's measurement; prints RESULT + json (rank 0 of a sharded run: every rank's)."""
     import torch.distributed as dist
@@ -251,8 +157,6 @@ def worker(folder: Path, mode: str):
     sharded = mode.startswith("sharded")
     if sharded:
         dist.init_process_group("gloo")
-    if mode in READERS:                           # a what-if: the same loader, another reader
-        checkpoint._safetensors = READERS[mode]
     start = maxrss_kib()
     poller = Poller()
     poller.start()
@@ -316,8 +220,7 @@ def run_mode(folder: Path, mode: str, ranks: int, timeout: float) -> list:
     return json.loads(lines[-1][len(RESULT):])
 
 
-NAMES = {"plain": "plain (1 process)", "sharded": "sharded rank {rank}",
-         "sharded_reopen": "what-if reopen rank {rank}", "sharded_pread": "what-if pread rank {rank}"}
+NAMES = {"plain": "plain (1 process)", "sharded": "sharded rank {rank}"}
 
 
 def table(records: list) -> str:
@@ -353,9 +256,6 @@ held: the bytes of the weights the process holds (its local shards, FSDP padding
 plain: safetensors' get_tensor is a view of the mapped file and .to(float32) of an fp32 file is a no-op,
 so the plain model IS the file mapping (copy-on-write): loading reads nothing; reading the weights pulls
 them in as file pages (file max), writing them (an optimizer step) would copy them into anon memory.
-what-ifs: the same from_pretrained with checkpoint._safetensors swapped (in this benchmark only) for
-reopen: a fresh safetensors mapping per tensor, so only the slices in flight are mapped; pread: a reader
-that preads each rank's rows into a new tensor: no mapping, no file pages (the slice is then copied).
 """
 
 
@@ -369,7 +269,7 @@ def main(argv=None):
     p.add_argument("--load", type=Path, help="measure loading this folder")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--modes", default=",".join(NAMES),
-                   help=f"comma-separated, of {', '.join(NAMES)} (the last two: what-ifs)")
+                   help=f"comma-separated, of {', '.join(NAMES)}")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--json", action="store_true", help="also print the records as one JSON line")
     p.add_argument("--worker", choices=tuple(NAMES), help=argparse.SUPPRESS)

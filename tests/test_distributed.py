@@ -202,3 +202,11 @@ def test_export_only_writes_a_saved_checkpoint_without_training(folders, uninter
     assert_same_weights(out, uninterrupted / "export", atol=0)
     with pytest.raises(SystemExit, match="holds no checkpoint"):
         train.main(argv(folders, tmp_path, "--export_only", f"--export_to={out}"))
+
+
+def test_a_checkpoint_of_another_config_is_refused_before_any_model_work(folders, uninterrupted,
+                                                                         monkeypatch):
+    import train
+    monkeypatch.setattr(train, "build_policy", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit, match="written with another config.*group_size"):
+        train.main(argv(folders, uninterrupted, "--rl_steps=4", "--resume", "--group_size=4"))
