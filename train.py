@@ -73,10 +73,9 @@ def start_rl(cfg, policy, world):
     computed), then LoRA adapters on the policy when asked for. With adapters on every trained expert the
     reference is the same model with its adapters off; else a second model (under torchrun sharded alike,
     read from cfg.model)."""
-    trained = {"both": {"reasoning", "denoising"}, "text": {"reasoning"}, "image": {"denoising"}}
     adapted = set(lora.EXPERTS[cfg.lora_experts]) if cfg.lora_rank else set()
     ref, ref_id = None, None
-    if unigrpo.needs_reference(cfg) and not trained[cfg.train_parts] <= adapted:
+    if unigrpo.needs_reference(cfg) and not set(unigrpo.TRAINED_EXPERTS[cfg.train_parts]) <= adapted:
         if world.on:
             ref = unigrpo.reference_policy(lambda: build_policy(cfg, world=world, adapters=False))
         else:

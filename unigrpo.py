@@ -163,12 +163,15 @@ def reference_policy(build):
     return ref
 
 
+# the experts each train_parts setting trains
+TRAINED_EXPERTS = {"both": ("reasoning", "denoising"), "text": ("reasoning",), "image": ("denoising",)}
+
+
 def make_optimizer(policy, cfg: Config) -> torch.optim.Optimizer:
     """AdamW with the paper's two learning rates; an expert switched off is frozen and left out."""
     groups = policy.param_groups()
     lrs = {"reasoning": cfg.lr_reasoning, "denoising": cfg.lr_denoising}
-    learn = {"both": ("reasoning", "denoising"), "text": ("reasoning",),
-             "image": ("denoising",)}[cfg.train_parts]
+    learn = TRAINED_EXPERTS[cfg.train_parts]
     param_groups = []
     for name, params in groups.items():
         for p in params:
