@@ -66,8 +66,9 @@ class Config:
                                    "metadata); the toy draws its own")
     eval_prompts: str = arg("data", "", "held-out prompts in the same formats, scored before and after RL",
                             resume_may_change=True)
-    reward: str = arg("data", "toy", "'toy' (the exact verifier) or kind:folder[@weight],... with kind clip, "
-                                     "pickscore, vlm or geneval")
+    reward: str = arg("data", "toy", "'toy' (the exact verifier), proxy:FILE (the toy: a learned proxy of "
+                                     "it), or kind:folder[@weight],... with kind clip, pickscore, vlm or "
+                                     "geneval")
     eval_reward: str = arg("data", "", "the evaluation's scorer, as --reward (e.g. geneval:FOLDER while "
                                        "training on vlm); empty: the training reward", resume_may_change=True)
     reward_batch: int = arg("data", 16, "images per reward-model call", resume_may_change=True)
@@ -136,16 +137,26 @@ class Config:
     # stages
     sft_steps: int = arg("stages", 0, "SFT warm-up steps before RL (0: start from the checkpoint)")
     sft_batch: int = arg("stages", 64, "SFT (prompt, plan, image) triples per step")
-    sft_lr: float = arg("stages", 1e-3, "SFT AdamW rate (100-step warm-up)")
+    sft_lr: float = arg("stages", 1e-3, "SFT AdamW rate")
+    sft_warmup: int = arg("stages", 100, "SFT steps of linear learning-rate warm-up")
     sft_ema: float = arg("stages", 0.0, "EMA decay of the SFT weights; 0: off")
     sft_mse_weight: float = arg("stages", 1.0, "weight of the flow-matching MSE against the plan CE "
                                                "(Bagel: 1)")
-    sft_noise: float = arg("stages", 0.0, "toy: share of SFT plans, and independently of images, with "
-                                          "one error")
+    sft_noise: float = arg("stages", 0.0, "toy: share of SFT plans with one error (the image draws the "
+                                          "wrong plan)")
+    sft_image_noise: float = arg("stages", 0.0, "toy: share of SFT images with one error against their "
+                                                "plan")
+    sft_cfg_drop: float = arg("stages", 0.0, "toy: share of SFT triples trained without prompt and plan, "
+                                             "the unconditional branch that CFG needs (Bagel drops text too)")
     rl_steps: int = arg("stages", 100, "UniGRPO steps; a resumed run may extend them",
                         resume_may_change=True)
     eval_per_category: int = arg("stages", 256, "held-out prompts per category before and after RL; "
                                                 "0: none", resume_may_change=True)
+    eval_every: int = arg("stages", 0, "also evaluate every this many RL steps (the held-out curve in "
+                                       "metrics.jsonl, heldout_*); 0: only before and after",
+                          resume_may_change=True)
+    eval_curve_size: int = arg("stages", 64, "prompts of each curve point: per category (the toy) or the "
+                                             "first N of --eval_prompts", resume_may_change=True)
     eval_steps: int = arg("stages", 20, "ODE steps of an evaluation image", resume_may_change=True)
     eval_temperature: float = arg("stages", 1.0, "reasoning temperature in evaluation",
                                   resume_may_change=True)
@@ -172,9 +183,11 @@ class Config:
                                  f"{', '.join(map(str, allowed))}")
         for key in ("prompts_per_step", "ppo_epochs", "minibatches", "num_steps", "window_size",
                     "ckpt_every", "ckpt_keep", "sft_batch", "eval_steps", "reward_batch", "eval_samples",
+                    "eval_curve_size",
                     "eval_batch"):
             _at_least(key, getattr(self, key), 1)
-        for key in ("seed", "max_think_tokens", "sft_steps", "rl_steps", "eval_per_category", "eval_limit",
+        for key in ("seed", "max_think_tokens", "sft_steps", "sft_warmup", "rl_steps", "eval_per_category",
+                    "eval_limit", "eval_every",
                     "rollout_batch", "micro_batch", "lora_rank"):
             _at_least(key, getattr(self, key), 0)
         if self.group_size < 2:
@@ -189,7 +202,7 @@ class Config:
             _finite(key, getattr(self, key), lower=0.0, strict=True)
         if self.adv_clip_max is not None:
             _finite("adv_clip_max", self.adv_clip_max, lower=0.0, strict=True)
-        for key in ("sft_ema", "sft_noise"):
+        for key in ("sft_ema", "sft_noise", "sft_image_noise", "sft_cfg_drop"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
         for key in ("window_start", "image_hw"):
@@ -222,9 +235,14 @@ class Config:
             raise ValueError(f"sft_steps={self.sft_steps}: the SFT warm-up trains on the toy world's "
                              f"data; use --sft_steps=0 with a checkpoint")
         toy = self.model == "toy"
-        if toy and (self.reward != "toy" or self.eval_reward or self.prompts or self.eval_prompts):
-            raise ValueError("the toy world scores with its own verifier (reward='toy') and draws its own "
-                             "prompts; --reward, --eval_reward, --prompts and --eval_prompts are for --bagel")
+        proxy = self.reward.startswith("proxy:")
+        if toy and (self.reward != "toy" and not proxy or self.eval_reward or self.prompts or self.eval_prompts):
+            raise ValueError("the toy world scores with its own verifier (reward='toy', or a learned proxy of "
+                             "it: reward=proxy:FILE) and draws its own prompts; --reward, --eval_reward, "
+                             "--prompts and --eval_prompts are for --bagel")
+        if toy and proxy and not Path(self.reward[6:]).is_file():
+            raise ValueError(f"reward={self.reward!r}: no file {self.reward[6:]!r} (a toy.ProxyReward saved "
+                             f"by experiments/fit_proxy.py)")
         if self.train_parts == "text" and not self.think:
             raise ValueError("train_parts='text' with think=False leaves nothing to train")
         if self.group_size % self.minibatches:

@@ -77,6 +77,20 @@ def evaluate(policy, cfg, n_per_category: int, cfg_scale: float = 1.0):
     return result, prompts, texts, images
 
 
+def curve_point(policy, cfg, prompts=None, scorer=None) -> dict:
+    """One point of the held-out curve during RL (eval_every): the toy's eval_curve_size prompts per
+    category, or the first eval_curve_size of `prompts` scored by `scorer`, at the first eval_cfg scale;
+    the keys heldout_<measure>."""
+    if cfg.model == "toy":
+        result = evaluate(policy, cfg, cfg.eval_curve_size, cfg.eval_cfg[0])[0]
+    elif prompts:
+        result = evaluate_prompts(policy, prompts[:cfg.eval_curve_size], scorer, cfg, cfg.eval_cfg[0])[0]
+    else:
+        return {}
+    keys = ("ta", "accuracy", "reward", "plan_validity", "plan_following", "background_noise")
+    return {f"heldout_{k}": result[k] for k in keys if k in result}
+
+
 def plan_following(texts: Sequence[str], images: torch.Tensor) -> tuple[int, int]:
     """(drawn, planned): of the objects that parsable plans ask for, how many the image draws in
     the planned cell (centroid inside it) with the planned colour and shape. Says whether the image

@@ -303,21 +303,29 @@ def pad_rows(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 class Router:
-    """Sends each token to its expert: f_und on tokens with is_gen False, f_gen on the rest."""
+    """Sends each token to its expert: f_und on tokens with is_gen False, f_gen on the rest. Tokens in
+    `skip` (R, L) (right padding, whose outputs nothing reads) go to neither expert and come out as zeros,
+    as Bagel's packed sequences hold no padding at all."""
 
-    def __init__(self, is_gen: torch.Tensor | None):
-        flat = None if is_gen is None else is_gen.reshape(-1)
-        n_gen = 0 if flat is None else int(flat.sum())
-        self.mode = "und" if n_gen == 0 else "gen" if n_gen == flat.numel() else "mixed"
-        if self.mode == "mixed":
-            self.und, self.gen = (~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1)
+    def __init__(self, is_gen: torch.Tensor | None, skip: torch.Tensor | None = None):
+        gen = None if is_gen is None else is_gen.reshape(-1)
+        self.skips = skip is not None and bool(skip.any())
+        n_gen = 0 if gen is None else int(gen.sum())
+        if not self.skips and (n_gen == 0 or n_gen == gen.numel()):
+            self.mode = "und" if n_gen == 0 else "gen"
+            return
+        self.mode = "mixed"
+        gen = torch.zeros(skip.numel(), dtype=torch.bool, device=skip.device) if gen is None else gen
+        keep = ~skip.reshape(-1) if self.skips else torch.ones_like(gen)
+        self.und, self.gen = (~gen & keep).nonzero()[:, 0], (gen & keep).nonzero()[:, 0]
 
     def __call__(self, x, f_und, f_gen):
         if self.mode != "mixed":
             return (f_und if self.mode == "und" else f_gen)(x)
         flat = x.reshape(-1, *x.shape[2:])
-        y_und, y_gen = f_und(flat[self.und]), f_gen(flat[self.gen])
-        y = y_und.new_empty((flat.shape[0],) + y_und.shape[1:])
+        y_und, y_gen = f_und(flat.index_select(0, self.und)), f_gen(flat.index_select(0, self.gen))
+        shape = (flat.shape[0],) + y_und.shape[1:]
+        y = y_und.new_zeros(shape) if self.skips else y_und.new_empty(shape)
         y = y.index_copy(0, self.und, y_und).index_copy(0, self.gen, y_gen)
         return y.reshape(*x.shape[:2], *y.shape[1:])
 
@@ -461,10 +469,10 @@ class BagelMoT(nn.Module):
         emb = torch.cat([freqs, freqs], -1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, h, is_gen, position_ids, mask, past=None):
+    def forward(self, h, is_gen, position_ids, mask, past=None, skip=None):
         """h (R, L, H) input embeddings -> (final hidden after the per-expert final norm,
-        per-layer (k, v))."""
-        route = Router(is_gen)
+        per-layer (k, v)). skip (R, L): padding no expert computes (zeros out, masked as keys)."""
+        route = Router(is_gen, skip)
         cos, sin = self.rope(position_ids, h.dtype)
         present = []
         recompute = self.checkpoint_layers and torch.is_grad_enabled()

@@ -1,6 +1,7 @@
 """The Policy: BAGEL's MoT (model.py) behind the interface the RL loop uses.
 
     think(prompts, n, max_new_tokens, temperature)  reasoning chains, KV-cached -> Thoughts
+                                                     (with_context=True: and that cache as the Context)
     context(thoughts)                                the conditioning cache, once per row -> Context
     velocity(x_t, t, context)                        v_theta(x_t, t): the generation expert, cached text
     train_forward(thoughts, x_t, t)                  one packed forward: reasoning log-probs, K velocities
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 
 import lora
 import sampler
@@ -168,10 +170,12 @@ class Policy(nn.Module):
 
     @torch.no_grad()
     def think(self, prompts: list[str], n: int, max_new_tokens: int, temperature: float = 1.0,
-              generator: torch.Generator | None = None) -> Thoughts:
+              generator: torch.Generator | None = None, with_context: bool = False):
         """Sample n reasoning chains per prompt with a KV cache: prefill [system?, prompt chunk] once
         per prompt, feed im_start, sample until im_end (kept, with its log-prob) or max_new_tokens.
-        temperature 0 is greedy. generator: a torch.Generator, or a sampler.RowStreams (a stream per row)."""
+        temperature 0 is greedy. generator: a torch.Generator, or a sampler.RowStreams (a stream per row).
+        with_context: (thoughts, the cache extended to context(thoughts)'s tokens), so that denoising
+        reuses the reasoning's cache instead of prefilling it again."""
         if n < 1 or max_new_tokens < 0 or temperature < 0:
             raise ValueError(f"need n >= 1, max_new_tokens >= 0, temperature >= 0; "
                              f"got {n}, {max_new_tokens}, {temperature}")
@@ -182,7 +186,8 @@ class Policy(nn.Module):
         prompt_ids, prompt_mask = P_ids.repeat_interleave(n, 0), P_mask.repeat_interleave(n, 0)
         if not thinking:
             empty = torch.zeros(R, 0, dtype=torch.long, device=dev)
-            return Thoughts(prompt_ids, prompt_mask, empty, empty.bool(), empty.float(), [""] * R)
+            th = Thoughts(prompt_ids, prompt_mask, empty, empty.bool(), empty.float(), [""] * R)
+            return (th, self.forward_text(P_ids, P_mask)[1].repeat_interleave(n)) if with_context else th
         ctx = self.forward_text(P_ids, P_mask)[1].repeat_interleave(n)
         tok = torch.full((R,), c.im_start_id, dtype=torch.long, device=dev)
         alive = torch.ones(R, dtype=torch.bool, device=dev)
@@ -203,7 +208,13 @@ class Policy(nn.Module):
         ids, mask, logp = torch.stack(ids, 1), torch.stack(mask, 1), torch.stack(logp, 1)
         texts = [self.tokenizer.decode([x for x, m in zip(r, rm) if m and x != c.im_end_id])
                  for r, rm in zip(ids.tolist(), mask.tolist())]
-        return Thoughts(prompt_ids, prompt_mask, ids, mask, logp, texts)
+        th = Thoughts(prompt_ids, prompt_mask, ids, mask, logp, texts)
+        if not with_context:
+            return th
+        # the last sampled token (fed only where a chain was cut off), then the chunk's im_end for all
+        ctx = self.forward_text(tok[:, None], alive[:, None], ctx)[1]
+        end = torch.full((R, 1), c.im_end_id, dtype=torch.long, device=dev)
+        return th, self.forward_text(end, torch.ones_like(end, dtype=torch.bool), ctx)[1]
 
     def thoughts_from_text(self, prompts: list[str], reasonings: list[str]) -> Thoughts:
         """Teacher-forced Thoughts (SFT): reasoning ids = encode(text) + [im_end], logp 0."""
@@ -273,7 +284,8 @@ class Policy(nn.Module):
         layout = {"dense": packed_layout, "blocks": packed_blocks}[self.attention]
         is_gen, pos, mask = layout(valid, K, N)
         emb = torch.cat([self.text_embeddings(ids, valid)[0], _blocks(self.model, x_t, t, h, w)], 1)
-        hid, _ = self.model(emb, is_gen, pos, mask)
+        pad = F.pad(~valid, (0, is_gen.shape[1] - Lt))                # no expert computes padding
+        hid, _ = self.model(emb, is_gen, pos, mask, skip=pad)
         cols = (starts[:, None] + torch.arange(T, device=self.device)).clamp(max=max(Lt - 1, 0))
         logits = self.model.logits(hid.gather(1, cols[..., None].expand(-1, -1, hid.shape[-1])))
         lat = hid[:, Lt:].unflatten(1, (K, N + 2))[:, :, 1:-1]       # (R, K, N, H); K = 0: text only

@@ -594,3 +594,73 @@ class ToyReward:
         """(TA-style points (R,), all correct (R,)): the verdicts evaluation reports."""
         s = score_images(images, prompts)
         return s.points, s.all_correct
+
+
+# ------------------------------------------------------------------- a learned, hackable proxy reward
+class ProxyReward(torch.nn.Module):
+    """A small learned scorer of toy images, fitted to the verifier's TA on images of one policy
+    (experiments/fit_proxy.py): the stand-in for a learned reward model. It scores what resembles its
+    training images, so a policy can climb it while the exact verifier falls (reward hacking, the
+    paper's Fig. 5). `--reward=proxy:FILE` trains the toy on it; evaluation keeps the verifier.
+
+    A per-cell CNN (one 8 px cell, one feature vector) and a GRU over the prompt's words, joined by an
+    MLP; the score is a sigmoid in [0, 1], as TA is. Saved as safetensors, its words and width in the
+    metadata."""
+
+    def __init__(self, words: Sequence[str] = tuple(vocabulary()), width: int = 32, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):                  # its init is its own: seeded, global RNG untouched
+            torch.manual_seed(seed)
+            self._build(words, width)
+
+    def _build(self, words, width):
+        self.words, self.width = list(words), int(width)
+        self.index = {w: i + 1 for i, w in enumerate(self.words)}            # 0: padding
+        nn = torch.nn
+        # one feature vector per 8 px cell (what the cell holds), then the whole grid with the prompt
+        self.image = nn.Sequential(nn.Conv2d(3, width, CELL, stride=CELL), nn.SiLU(),
+                                   nn.Conv2d(width, width, 1), nn.SiLU(), nn.Flatten())
+        self.embed = nn.Embedding(len(self.words) + 1, 64, padding_idx=0)
+        self.text = nn.GRU(64, 64, batch_first=True)
+        self.film = nn.Linear(64, 2 * width)                 # the prompt scales and shifts every cell
+        self.head = nn.Sequential(nn.Linear(width * GRID * GRID + 64, 256), nn.SiLU(), nn.Linear(256, 1))
+
+    def logits(self, images: torch.Tensor, prompts: Sequence) -> torch.Tensor:
+        """Pre-sigmoid scores (R,) of images (R, 3, 32, 32) in [0, 1], with gradients (for fitting)."""
+        texts = [p.text if hasattr(p, "text") else str(p) for p in prompts]
+        _check_len(images, "images", texts)
+        rows = [[self.index[w] for w in t.split()] or [0] for t in texts]
+        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+        lengths = torch.tensor([len(r) for r in rows])
+        packed = torch.nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True,
+                                                         enforce_sorted=False)
+        text = self.text(packed)[1][0]
+        cells = self.image(images.float().cpu() * 2 - 1).unflatten(1, (self.width, GRID * GRID))
+        scale, shift = self.film(text)[:, :, None].chunk(2, 1)
+        cells = torch.nn.functional.silu(cells * (1 + scale) + shift)
+        return self.head(torch.cat([cells.flatten(1), text], 1))[:, 0]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, prompts: Sequence) -> torch.Tensor:
+        return torch.sigmoid(self.logits(images, prompts))
+
+    def save(self, path):
+        from safetensors.torch import save_file
+        meta = {"words": " ".join(self.words), "width": str(self.width)}
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path) -> ProxyReward:
+        """A saved proxy (safetensors, no pickle); a ValueError names the file when it is not one."""
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta, state = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            proxy = cls(meta["words"].split(), int(meta["width"]))
+            proxy.load_state_dict(state)
+        except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as e:
+            raise ValueError(f"proxy reward {path}: not a saved toy.ProxyReward ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from None
+        return proxy.eval()

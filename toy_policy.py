@@ -184,29 +184,43 @@ def from_pretrained(folder, dtype=torch.float32, device="cpu") -> Policy:
 
 # ------------------------------------------------------------------------------------------ SFT warm-up
 def sft_batch(cfg, step: int):
-    """Synthetic (prompt, plan, image) triples: a random valid layout, its canonical plan, its render. With
-    sft_noise = p, a triple's plan is wrong with probability p (one corrupt_layout error; the image still
-    draws that plan) and, independently, its image with probability p (one error against its plan)."""
+    """Synthetic (prompt, plan, image) triples: a random valid layout, its canonical plan, its render. A
+    triple's plan is wrong with probability sft_noise (one corrupt_layout error; the image still draws that
+    plan) and, independently, its image is off its plan with probability sft_image_noise (one error)."""
     prompts = toy.train_prompts(cfg.seed, step, cfg.sft_batch, split="train")
     rng = random.Random(f"{cfg.seed}/sft-layout/{step}")
 
-    def noisy(layout):
-        return toy.corrupt_layout(layout, rng) if cfg.sft_noise and rng.random() < cfg.sft_noise else layout
+    def noisy(layout, p):
+        return toy.corrupt_layout(layout, rng) if p and rng.random() < p else layout
 
     plans, drawn = [], []
-    for p in prompts:
-        layout = noisy(toy.random_layout(p, rng))      # the plan (wrong for its prompt with p = sft_noise)
+    for prompt in prompts:
+        layout = noisy(toy.random_layout(prompt, rng), cfg.sft_noise)   # the plan (wrong for its prompt)
         plans.append(toy.plan_text(layout))
-        drawn.append(noisy(layout))                    # the image (off its plan with p = sft_noise)
+        drawn.append(noisy(layout, cfg.sft_image_noise))                # the image (off its plan)
     return prompts, plans, toy.render_batch(drawn).to(cfg.device)
 
 
-def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0):
+def sft_drop(cfg, step: int) -> torch.Tensor:
+    """(sft_batch,) bool: the triples of SFT step `step` trained without their text (sft_cfg_drop)."""
+    rng = random.Random(f"{cfg.seed}/sft-drop/{step}")
+    return torch.tensor([rng.random() < cfg.sft_cfg_drop for _ in range(cfg.sft_batch)])
+
+
+def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0, drop=None):
     """Bagel's own losses on (prompt, plan, image) triples: CE on the plan + mse_weight * flow-matching MSE.
 
     images: (R, 3, H, W) in [0, 1]. One train_forward gives both, with K = 1 noisy block per sample.
+    drop (R,) bool: rows whose image is trained on the unconditional input that CFG reads (an empty
+    prompt chunk, no reasoning: unigrpo.uncond_thoughts), as Bagel drops the text of a share of its data.
     """
-    thoughts = policy.thoughts_from_text([p.text for p in prompts], plans)
+    drop = torch.zeros(len(prompts), dtype=torch.bool) if drop is None else drop.cpu()
+    thoughts = policy.thoughts_from_text(["" if d else p.text for p, d in zip(prompts, drop.tolist())],
+                                         ["" if d else plan for plan, d in zip(plans, drop.tolist())])
+    if drop.any():
+        keep = ~drop.to(thoughts.mask.device)[:, None]
+        thoughts.mask = thoughts.mask & keep
+        thoughts.ids = torch.where(keep, thoughts.ids, policy.cfg.pad_id)
     x_0 = policy.encode(images * 2 - 1)                                   # (R, N, D)
     R = x_0.shape[0]
     u = torch.randn(R, generator=generator, device=generator.device).to(x_0.device)   # logit-normal t
@@ -244,9 +258,10 @@ def read_sft_cache(path: Path) -> tuple[dict, dict]:
     return state, meta
 
 
-def sft(policy, cfg, cache_dir: Path, log) -> float:
+def sft(policy, cfg, cache_dir: Path, log, probe=None, probe_every: int = 100) -> float:
     """SFT warm-up of both experts (Bagel's losses), cached so that RL can be rerun alone. Returns the seconds
-    spent training (0 when the cache had it)."""
+    spent training (0 when the cache had it). probe(step, seconds), every probe_every steps, sees the
+    policy as SFT would end there (its EMA weights) and the training seconds so far (its own excluded)."""
     if cfg.sft_steps == 0:
         return 0.0
     path = sft_cache_path(policy, cfg, cache_dir)
@@ -261,14 +276,15 @@ def sft(policy, cfg, cache_dir: Path, log) -> float:
         return 0.0
     t0 = time.time()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.sft_warmup, 1)))
     g = torch.Generator().manual_seed(cfg.seed + 1)
     params = [p for p in policy.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in params]
     policy.train()
     for step in (bar := tqdm(range(cfg.sft_steps), desc="SFT", dynamic_ncols=True, disable=None)):
         prompts, plans, images = sft_batch(cfg, step)
-        loss, stats = sft_loss(policy, prompts, plans, images, g, cfg.sft_mse_weight)
+        drop = sft_drop(cfg, step) if cfg.sft_cfg_drop else None
+        loss, stats = sft_loss(policy, prompts, plans, images, g, cfg.sft_mse_weight, drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -279,6 +295,14 @@ def sft(policy, cfg, cache_dir: Path, log) -> float:
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - cfg.sft_ema)
         if step % 50 == 0:
             bar.set_postfix(ce=f"{stats['sft_ce']:.3f}", mse=f"{stats['sft_mse']:.4f}")
+        if probe is not None and (step + 1) % probe_every == 0:
+            paused, live = time.time(), [p.detach().clone() for p in params]
+            torch._foreach_copy_([p.data for p in params], ema if cfg.sft_ema else live)
+            policy.eval()
+            probe(step + 1, paused - t0)
+            torch._foreach_copy_([p.data for p in params], live)
+            policy.train()
+            t0 += time.time() - paused
     if cfg.sft_ema:  # the EMA weights are the SFT policy (sharper samples after a short run)
         torch._foreach_copy_([p.data for p in params], ema)
     policy.eval()

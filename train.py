@@ -92,7 +92,7 @@ def build_reward(cfg, spec: str | None = None):
     """The toy world's exact verifier, or the reward models of a --reward spec (default cfg.reward),
     loaded from local folders."""
     if cfg.model == "toy":
-        return toy.ToyReward()
+        return toy.ProxyReward.load(cfg.reward[6:]) if cfg.reward.startswith("proxy:") else toy.ToyReward()
     return reward.build_reward(spec or cfg.reward, device=cfg.device, batch_size=cfg.reward_batch)
 
 
@@ -384,8 +384,13 @@ def run(cfg, run_dir: Path, resume: bool, reward_fn, log=print, train_set=None, 
         except FloatingPointError as e:
             raise FloatingPointError(f"RL step {step}: {e}") from None
         te = time.time()
+        if isinstance(reward_fn, toy.ProxyReward):     # the truth the proxy stands in for (Fig. 5)
+            stats["verifier_mean"] = toy.ToyReward()(ro.images, ro.prompts).mean().item()
         record = {"step": step, **unigrpo.rollout_stats(ro, cfg.group_size), **stats,
                   "step_time": te - ts, "rollout_time": tr - ts, "peak_mem_gb": peak_memory_gb(cfg.device)}
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.rl_steps):
+            with distributed.unsharded(policy):           # every rank computes the same numbers
+                record.update(evaluate.curve_point(policy, cfg, eval_set, eval_fn))
         record = distributed.mean_over_ranks(record)
         record["images_per_s"] = len(ro.rewards) * world.size / record["rollout_time"]
         if world.main:

@@ -76,10 +76,10 @@ def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), tempera
              num_steps=None):
     """Prompt -> Thinking -> Image for n chains per prompt: (thoughts, trajectory, images in [0, 1])."""
     steps = num_steps or cfg.num_steps
-    thoughts = policy.think(_texts(prompts), n=n, max_new_tokens=cfg.max_think_tokens if cfg.think else 0,
-                            temperature=cfg.temperature if temperature is None else temperature,
-                            generator=generator)
-    ctx = policy.context(thoughts)
+    thoughts, ctx = policy.think(_texts(prompts), n=n,                  # its cache is the denoising context
+                                 max_new_tokens=cfg.max_think_tokens if cfg.think else 0,
+                                 temperature=cfg.temperature if temperature is None else temperature,
+                                 generator=generator, with_context=True)
     R = thoughts.ids.shape[0]
     uctx = policy.context(uncond_thoughts(policy, R)) if cfg.cfg_scale != 1.0 else None
     N, D = policy.latent_shape(cfg.image_hw)

@@ -1,6 +1,6 @@
-"""The benchmark scripts run on public functions: the comparisons table (the one RESULTS.md shows) from
-finished runs, the verifier's throughput check, the rollout, the attention and the load-memory benchmarks
-at tiny sizes."""
+"""The benchmark scripts run on public functions at tiny sizes: the verifier's throughput check, the rollout
+(cached vs naive, and against its batched bound), the packed forward, the attention, the load-memory and
+the toy's time-to-quality benchmarks."""
 import json
 import subprocess
 import sys
@@ -13,33 +13,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_attention  # noqa: E402
 import bench_load_memory  # noqa: E402
 import bench_verifier  # noqa: E402
-import toy_comparisons  # noqa: E402
-from reward import CATEGORIES  # noqa: E402
-
-
-def fake_summary(ta_before, ta_after, rl_seconds):
-    stage = lambda ta: {"ta": ta, "accuracy": ta - 0.2, "plan_validity": 0.7, "plan_following": 0.8,
-                        "background_noise": 0.01, **{f"accuracy/{c}": 0.5 for c in CATEGORIES}}
-    return {"before": stage(ta_before), "after": stage(ta_after), "seconds": {"rl": rl_seconds}}
-
-
-def test_comparisons_print_the_results_table_from_finished_runs(tmp_path, capsys):
-    for name, after in (("unigrpo", 0.9), ("reg_none", 0.95)):
-        (tmp_path / f"cmp-{name}").mkdir()
-        (tmp_path / f"cmp-{name}" / "summary.json").write_text(json.dumps(fake_summary(0.8, after, 300)))
-    toy_comparisons.main(["unigrpo", "reg_none", "--reuse", f"--out_dir={tmp_path}"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == toy_comparisons.HEADER and lines[1] == "|---" * 13 + "|"
-    assert lines[2] == ("| **unigrpo** (the toy preset) | 0.800 → 0.900 | 0.600 → 0.700 | "
-                        "0.700 → 0.700 | 0.800 → 0.800 | 0.010 | " + " | ".join(["0.50"] * 6)
-                        + " | 300 |")
-    assert lines[3].startswith("| reg_none (no regulariser) | 0.800 → 0.950 |")
-    assert lines[4].startswith("| (SFT base, for reference) | 0.800 | 0.600 | 0.700 | 0.800 | 0.010 |")
-    assert all(line.count("|") == 14 for line in lines)
-    saved = json.loads((tmp_path / "comparisons.json").read_text())
-    assert set(saved) == {"unigrpo", "reg_none"}
-    with pytest.raises(SystemExit, match="unknown variant"):
-        toy_comparisons.main(["uni"])
+import bench_rollout_bound  # noqa: E402
+import bench_toy  # noqa: E402
 
 
 def test_verifier_benchmark_scores_renders_all_correct():
@@ -78,3 +53,22 @@ def test_load_memory_benchmark_prints_its_table(tmp_path, capsys):
     assert all(r["touched_kib"] >= r["peak_kib"] >= r["start_kib"] > 0 for r in records)
     rows = [ln for ln in out.splitlines() if ln.startswith(("| plain (", "| sharded rank"))]
     assert len(rows) == 3 and all(ln.count("|") == 14 for ln in rows)
+
+
+def test_rollout_bound_benchmark_prints_its_ratios(capsys):
+    bench_rollout_bound.main(["--layers=1", "--hidden=128", "--px=64", "--max_think_tokens=6", "--num_steps=3",
+                              "--repeats=1", "--clock=wall"])
+    out = capsys.readouterr().out
+    for text in ("rollout / bound", "think + context", "denoise + decode", "separate / packed dense",
+                 "separate / packed blocks"):
+        assert text in out, out
+
+
+def test_toy_time_to_quality_benchmark_prints_sft_and_rl_points(tmp_path, capsys, smoke):
+    plot = tmp_path / "ttq.png"
+    bench_toy.main([*smoke[1:], "--probe_every=10", "--probe_size=1", f"--plot={plot}",
+                    f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| SFT |") or line.startswith("| RL |")]
+    assert [r.split("|")[1].strip() for r in rows] == ["SFT"] * 3 + ["RL"], out
+    assert "peak resident memory" in out and plot.stat().st_size > 0

@@ -92,7 +92,7 @@ def test_resume_may_change_only_where_how_long_and_how_it_evaluates():
     may = {f.name for f in dataclasses.fields(config.Config) if f.metadata["resume_may_change"]}
     assert may == {"name", "out_dir", "device", "ckpt_every", "rl_steps", "eval_per_category",
                    "eval_steps", "eval_temperature", "eval_prompts", "eval_cfg", "eval_samples", "eval_batch",
-                   "eval_limit", "reward_batch", "save_model", "eval_reward",
+                   "eval_limit", "reward_batch", "save_model", "eval_reward", "eval_every", "eval_curve_size",
                    "export_shard_gb", "ckpt_keep", "export_to", "log_to", "dist_timeout", "attention",
                    "activation_checkpointing"}
     assert set(config.algorithm_fields()) == {f.name for f in dataclasses.fields(config.Config)} - may

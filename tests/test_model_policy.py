@@ -220,6 +220,30 @@ def test_agreement_golden_ragged(golden, golden_prompts):
     _agreement(golden, th, hw, K=2)
 
 
+@pytest.mark.parametrize("name, prompts", [("toy", ["red circle", "two plus one blue square"]),
+                                            ("toy_span", ["red circle", "two plus one blue square"]),
+                                            ("golden", None)])
+@pytest.mark.parametrize("tokens", [0, 6])
+def test_think_context_equals_a_fresh_prefill(request, name, prompts, tokens):
+    """think(with_context=True) ends its cache where context(thoughts) would (cut-off chains get their
+    last token and im_end, stopped ones im_end): the velocities agree, so denoising needs no prefill."""
+    policy = request.getfixturevalue(name)
+    prompts = prompts or request.getfixturevalue("golden_prompts")
+    th, ctx = policy.think(prompts, n=4, max_new_tokens=tokens, temperature=0.8,
+                           generator=torch.Generator().manual_seed(3), with_context=True)
+    lens = th.mask.sum(1)
+    if tokens and name != "golden":                           # the golden model never stops this early
+        assert lens.max() == tokens and lens.min() < tokens, lens          # cut off and stopped rows
+    fresh = policy.context(th)
+    assert torch.equal(ctx.rope_next, fresh.rope_next) and ctx.key_mask.sum() == fresh.key_mask.sum()
+    hw = policy.cfg.image_hw if name != "golden" else json.loads((FIX / "meta.json").read_text())["image_hw"]
+    N, D = policy.latent_shape(hw)
+    x_t = torch.randn(th.ids.shape[0], N, D, generator=torch.Generator().manual_seed(4))
+    v = policy.velocity(x_t, 0.6, ctx, image_hw=hw)
+    torch.testing.assert_close(v, policy.velocity(x_t, 0.6, fresh, image_hw=hw), atol=2e-5, rtol=1e-5)
+    assert v.abs().max() > 0.1
+
+
 def test_padding_and_batch_independence(golden, golden_prompts):
     """A row's velocity and log-probs do not depend on the other rows of the batch
     (padding is masked)."""
