@@ -1,7 +1,7 @@
 """Fit the hackable proxy reward of the Fig. 5 analogue: toy.ProxyReward, a small CNN + GRU scorer, on
 images labelled by the toy's exact verifier (TA).
 
-    python experiments/fit_proxy.py                  # -> experiments/proxy.safetensors (~2 min on 2 cores)
+    python experiments/fit_proxy.py                  # -> experiments/proxy.safetensors (~6 min on 2 cores)
     python experiments/fit_proxy.py --samples=2048 --epochs=2 --out=/tmp/proxy.safetensors
 
 The images are what RL starts from: the SFT base of --seed (experiments/results.py's, trained into the SFT

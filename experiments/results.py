@@ -46,7 +46,7 @@ VARIANTS = {
     "proxy_none": ("no regulariser", ["--reward=proxy:{proxy}", "--regulariser=none"]),
     "proxy_kl": ("latent KL (FlowGRPO's, weight 0.04)", ["--reward=proxy:{proxy}", "--regulariser=latent_kl",
                                                          "--reg_weight=0.04"]),
-    "proxy_mse": ("velocity MSE, Eq. (8) (the preset's weight)", ["--reward=proxy:{proxy}"]),
+    "proxy_mse": ("velocity MSE, Eq. (8) (weight 1e-2)", ["--reward=proxy:{proxy}"]),
     "no_rationorm": ("RatioNorm off", ["--ratio_norm=false"]),
     "window_1": ("window K = 1", ["--window_size=1"]),
     "window_5": ("window K = 5", ["--window_size=5", "--window_start=0,4"]),
