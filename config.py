@@ -161,6 +161,11 @@ class Config:
     eval_temperature: float = arg("stages", 1.0, "reasoning temperature in evaluation",
                                   resume_may_change=True)
 
+    @property
+    def proxy_file(self) -> str:
+        """The file of reward=proxy:FILE (the toy's learned proxy reward); '' for any other reward."""
+        return self.reward.removeprefix("proxy:") if self.reward.startswith("proxy:") else ""
+
     def validate(self) -> Config:
         """Every field, before any work; a ValueError names the key. Resolves device and dtype 'auto'."""
         if self.device == "auto":
@@ -235,14 +240,14 @@ class Config:
             raise ValueError(f"sft_steps={self.sft_steps}: the SFT warm-up trains on the toy world's "
                              f"data; use --sft_steps=0 with a checkpoint")
         toy = self.model == "toy"
-        proxy = self.reward.startswith("proxy:")
+        proxy = self.proxy_file
         if toy and (self.reward != "toy" and not proxy or self.eval_reward or self.prompts or self.eval_prompts):
             raise ValueError("the toy world scores with its own verifier (reward='toy', or a learned proxy of "
                              "it: reward=proxy:FILE) and draws its own prompts; --reward, --eval_reward, "
                              "--prompts and --eval_prompts are for --bagel")
-        if toy and proxy and not Path(self.reward[6:]).is_file():
-            raise ValueError(f"reward={self.reward!r}: no file {self.reward[6:]!r} (a toy.ProxyReward saved "
-                             f"by experiments/fit_proxy.py)")
+        if toy and proxy and not Path(proxy).is_file():
+            raise ValueError(f"reward={self.reward!r}: no file {proxy!r} (a toy.ProxyReward saved by "
+                             f"experiments/fit_proxy.py)")
         if self.train_parts == "text" and not self.think:
             raise ValueError("train_parts='text' with think=False leaves nothing to train")
         if self.group_size % self.minibatches:

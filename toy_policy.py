@@ -214,11 +214,11 @@ def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0,
     drop (R,) bool: rows whose image is trained on the unconditional input that CFG reads (an empty
     prompt chunk, no reasoning: unigrpo.uncond_thoughts), as Bagel drops the text of a share of its data.
     """
-    drop = torch.zeros(len(prompts), dtype=torch.bool) if drop is None else drop.cpu()
-    thoughts = policy.thoughts_from_text(["" if d else p.text for p, d in zip(prompts, drop.tolist())],
-                                         ["" if d else plan for plan, d in zip(plans, drop.tolist())])
-    if drop.any():
-        keep = ~drop.to(thoughts.mask.device)[:, None]
+    dropped = [False] * len(prompts) if drop is None else drop.tolist()
+    thoughts = policy.thoughts_from_text(["" if d else p.text for p, d in zip(prompts, dropped)],
+                                         ["" if d else plan for plan, d in zip(plans, dropped)])
+    if any(dropped):
+        keep = ~torch.tensor(dropped, device=thoughts.mask.device)[:, None]
         thoughts.mask = thoughts.mask & keep
         thoughts.ids = torch.where(keep, thoughts.ids, policy.cfg.pad_id)
     x_0 = policy.encode(images * 2 - 1)                                   # (R, N, D)
@@ -297,7 +297,8 @@ def sft(policy, cfg, cache_dir: Path, log, probe=None, probe_every: int = 100) -
             bar.set_postfix(ce=f"{stats['sft_ce']:.3f}", mse=f"{stats['sft_mse']:.4f}")
         if probe is not None and (step + 1) % probe_every == 0:
             paused, live = time.time(), [p.detach().clone() for p in params]
-            torch._foreach_copy_([p.data for p in params], ema if cfg.sft_ema else live)
+            if cfg.sft_ema:                      # the probe sees what SFT would return if it ended here
+                torch._foreach_copy_([p.data for p in params], ema)
             policy.eval()
             probe(step + 1, paused - t0)
             torch._foreach_copy_([p.data for p in params], live)

@@ -92,7 +92,7 @@ def build_reward(cfg, spec: str | None = None):
     """The toy world's exact verifier, or the reward models of a --reward spec (default cfg.reward),
     loaded from local folders."""
     if cfg.model == "toy":
-        return toy.ProxyReward.load(cfg.reward[6:]) if cfg.reward.startswith("proxy:") else toy.ToyReward()
+        return toy.ProxyReward.load(cfg.proxy_file) if cfg.proxy_file else toy.ToyReward()
     return reward.build_reward(spec or cfg.reward, device=cfg.device, batch_size=cfg.reward_batch)
 
 

@@ -124,8 +124,8 @@ def run_one(variant: str, seed: int, flags: list[str], args, raw: Path) -> Path:
     cfg = summary["config"]
     trained = summary["seconds"].get("sft", 0) > 0          # this run trained the seed's SFT base
     sft_side = args.side_by_side if trained else _sft_condition(raw, seed, cfg)
-    record = {"variant": variant, "seed": seed, "command": " ".join(["python", "train.py", *cmd[3:]]),
-              "flags": [*args.extra, *flags], "sft_steps": cfg["sft_steps"], "side_by_side": args.side_by_side,
+    record = {"variant": variant, "seed": seed, "command": " ".join(["python", *_portable(cmd[1:])]),
+              "flags": _portable([*args.extra, *flags]), "sft_steps": cfg["sft_steps"], "side_by_side": args.side_by_side,
               "sft_side_by_side": sft_side, "trained_sft": trained,
               "sft_step_seconds": _sft_step_seconds(cfg, summary), "wall_seconds": time.time() - t0,
               "summary": {k: summary[k] for k in ("before", "after", "by_cfg", "seconds") if k in summary},
@@ -133,6 +133,11 @@ def run_one(variant: str, seed: int, flags: list[str], args, raw: Path) -> Path:
     out = raw / f"{name}.json"
     out.write_text(json.dumps(record, indent=1))
     return out
+
+
+def _portable(argv: list[str]) -> list[str]:
+    """Command-line words with this checkout's absolute paths made relative to it (records are committed)."""
+    return [a.replace(f"{ROOT}/", "") for a in argv]
 
 
 def _sft_step_seconds(cfg: dict, summary: dict) -> float:
@@ -204,8 +209,8 @@ def table(name: str, raw: Path, seeds) -> str:
     lines = ["| " + " | ".join(head[:7] + extra + head[7:]) + " |", "|---" * (len(head) + len(extra)) + "|"]
     for v in TABLES[name][1]:
         recs = records(raw, v, seeds)
-        label = VARIANTS[v][0] + (f" (+{sft_more_steps(_load(raw, 'unigrpo', recs[0]['seed']))} steps)"
-                                  if v == "sft_more" and recs and _load(raw, "unigrpo", recs[0]["seed"]) else "")
+        base = _load(raw, "unigrpo", recs[0]["seed"]) if v == "sft_more" and recs else None
+        label = VARIANTS[v][0] + (f" (+{recs[0]['sft_steps'] - base['sft_steps']} steps)" if base else "")
         stages = [stage_of(r, v) for r in recs]
         cells = [mean_std([s[k] for s in stages]) for k in MEASURES]
         if name == "fig4":

@@ -1,6 +1,7 @@
 """What RESULTS.md's claims rest on: the toy's learned proxy reward (its fit, its file, --reward=proxy:),
 SFT's unconditional branch (sft_cfg_drop), the held-out curve (eval_every), and experiments/results.py
 end to end on a 1-seed, few-step setting."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def test_sft_cfg_drop_trains_the_unconditional_input_cfg_reads():
     assert drop.shape == (400,) and 70 < int(drop.sum()) < 130
     assert torch.equal(drop, toy_policy.sft_drop(cfg, 0)) and not torch.equal(drop, toy_policy.sft_drop(cfg, 1))
     policy = toy_policy.build_policy(0)
-    prompts, plans, images = toy_policy.sft_batch(dataclass_replace(cfg, sft_batch=4), 0)
+    prompts, plans, images = toy_policy.sft_batch(dataclasses.replace(cfg, sft_batch=4), 0)
     captured = {}
     real = policy.train_forward
 
@@ -101,11 +102,6 @@ def test_sft_cfg_drop_trains_the_unconditional_input_cfg_reads():
         assert th.mask[r].sum() == 0
         assert th.prompt_ids[r][th.prompt_mask[r]].tolist() == uncond.prompt_ids[0].tolist()
     assert th.mask[1].sum() > 0 and th.prompt_mask[1].sum() > uncond.prompt_ids.shape[1]
-
-
-def dataclass_replace(cfg, **kw):
-    import dataclasses
-    return dataclasses.replace(cfg, **kw)
 
 
 def test_results_script_runs_a_table_and_writes_it(tmp_path, proxy_file):
