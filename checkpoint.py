@@ -2,7 +2,9 @@
 
 Official layout (a BAGEL-7B-MoT folder): llm_config.json (Qwen2), optional bagel_config.json (latent
 sizes, vae_config, new_token_ids), ema.safetensors or shards with a *.safetensors.index.json, the Qwen2
-tokenizer files, ae.safetensors (read at the first encode/decode), and ViT weights, kept untouched.
+tokenizer files, ae.safetensors (read at the first encode/decode), and the ViT: with vit_config.json its
+weights (vit_model.*, connector.*, vit_pos_embed.*) are loaded into the model (frozen) and saved back
+unchanged; without it they are kept untouched beside the model.
 Loading builds the model on the meta device and reads the weights memory-mapped straight into it.
 
 Training checkpoints hold plain tensors and numbers only (policy and optimizer state, the generator
@@ -35,7 +37,7 @@ import lora
 from model import BagelConfig, BagelMoT, check_tokenizer
 from policy import Policy
 
-EXTRA_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")  # kept untouched, ViT not built
+EXTRA_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed.")  # kept untouched when no ViT is built
 LLM_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "rope_theta", "rms_norm_eps", "hidden_act", "max_position_embeddings")
 TOKEN_ROLES = {"bos_token_id": "im_start_id", "eos_token_id": "im_end_id",  # Bagel's new_token_ids names
@@ -109,7 +111,9 @@ def config_from_folder(folder, **overrides) -> BagelConfig:
             vae = bag["vae_config"]
             kw.update(vae_config=vae, latent_channels=vae["z_channels"], latent_downsample=vae["downsample"])
         kw.update({f.name: bag[f.name] for f in dataclasses.fields(BagelConfig)
-                   if f.name in bag and f.name not in LLM_FIELDS})
+                   if f.name in bag and f.name not in LLM_FIELDS + ("vit_config",)})
+        if (folder / "vit_config.json").is_file() and bag.get("visual_und", True):   # the ViT (vit.py)
+            kw["vit_config"] = read_json(folder / "vit_config.json")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(BagelConfig)}
     if unknown:
         raise ValueError(f"unknown BagelConfig override(s): {sorted(unknown)}")
@@ -122,6 +126,8 @@ def config_from_folder(folder, **overrides) -> BagelConfig:
 def config_to_json(cfg: BagelConfig) -> tuple[dict, dict]:
     """(llm_config, bagel_config) dicts in the official layout (+ our fields in bagel_config)."""
     d = dataclasses.asdict(cfg)
+    if d.pop("vit_config") is None:                  # vit_config.json is copied from the source folder
+        d.pop("vit_max_num_patch_per_side"), d.pop("connector_act")
     llm = {k: d.pop(k) for k in LLM_FIELDS}
     llm.update(model_type="qwen2", qk_norm=True, tie_word_embeddings=False,
                layer_module="Qwen2MoTDecoderLayer")
@@ -204,7 +210,7 @@ def from_pretrained(folder, dtype=torch.bfloat16, device="cpu", tokenizer=None, 
                 else:
                     extra[k] = s.get_tensor(k).cpu()
     model.load_state_dict(state, strict=True, assign=True)
-    model.latent_pos_embed.pos_embed.requires_grad_(False)
+    model.freeze_untrained()
     policy = Policy(cfg, tokenizer, model, embed_hook=embed_hook)
     policy.extra_state, policy.source_folder = extra, folder
     return policy
@@ -278,7 +284,8 @@ def save_pretrained(policy: Policy, folder, max_shard_bytes: int | None = None, 
     if not write:
         return
     llm, bag = config_to_json(policy.cfg)
-    bag["visual_und"] = any(k.startswith("vit_model.") for k in policy.extra_state)
+    bag["visual_und"] = (policy.cfg.vit_config is not None
+                         or any(k.startswith("vit_model.") for k in policy.extra_state))
     src = policy.source_folder
     for name, d in (("llm_config.json", llm), ("bagel_config.json", bag)):
         if src is not None and (src / name).is_file():  # keep the fields we do not model (e.g. Qwen2's)

@@ -100,6 +100,11 @@ class Config:
                                                    "the checkpoint's largest (BAGEL-7B: 1024,1024)")
     rollout_batch: int = arg("rollout", 0, "prompts per generation call of a rollout (memory); 0: all B")
     cfg_scale: float = arg("rollout", 1.0, "text CFG in rollouts and evaluation (paper: 1, no CFG)")
+    rounds: int = arg("rollout", 1, "rounds of think -> image; each later one puts the previous image into "
+                                    "the context, reflects (text actions) and draws again (1: the paper)")
+    context_vit: bool = arg("rollout", True, "rounds > 1: an image enters the context through the VAE and then "
+                                             "the ViT, as Bagel's interleave_inference (false: VAE only; a "
+                                             "checkpoint without a ViT, and the toy, use the VAE only)")
     # the unified update
     ppo_epochs: int = arg("update", 2, "passes over each rollout (paper: 2)")
     minibatches: int = arg("update", 2, "optimizer steps per pass, each an equal share of every group; "
@@ -148,6 +153,9 @@ class Config:
                                                 "plan")
     sft_cfg_drop: float = arg("stages", 0.0, "toy: share of SFT triples trained without prompt and plan, "
                                              "the unconditional branch that CFG needs (Bagel drops text too)")
+    sft_reflect: float = arg("stages", 0.0, "toy, for rounds > 1: share of SFT rows trained as two rounds (a "
+                                            "first image, often off its plan, then the correct plan as the "
+                                            "reflection and its image)")
     rl_steps: int = arg("stages", 100, "UniGRPO steps; a resumed run may extend them",
                         resume_may_change=True)
     eval_per_category: int = arg("stages", 256, "held-out prompts per category before and after RL; "
@@ -207,7 +215,7 @@ class Config:
             _finite(key, getattr(self, key), lower=0.0, strict=True)
         if self.adv_clip_max is not None:
             _finite("adv_clip_max", self.adv_clip_max, lower=0.0, strict=True)
-        for key in ("sft_ema", "sft_noise", "sft_image_noise", "sft_cfg_drop"):
+        for key in ("sft_ema", "sft_noise", "sft_image_noise", "sft_cfg_drop", "sft_reflect"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
         for key in ("window_start", "image_hw"):
@@ -248,6 +256,13 @@ class Config:
         if toy and proxy and not Path(proxy).is_file():
             raise ValueError(f"reward={self.reward!r}: no file {proxy!r} (a toy.ProxyReward saved by "
                              f"experiments/fit_proxy.py)")
+        _at_least("rounds", self.rounds, 1)
+        if self.rounds > 1 and (self.cfg_scale != 1.0 or any(s != 1.0 for s in self.eval_cfg)):
+            raise ValueError(f"rounds={self.rounds} with cfg_scale={self.cfg_scale}, eval_cfg={self.eval_cfg}: "
+                             f"multi-round UniGRPO is CFG-free (its rollouts are linear, unbranched); use 1")
+        if self.rounds > 1 and not (self.think and self.max_think_tokens):
+            raise ValueError(f"rounds={self.rounds} needs think=True and max_think_tokens > 0: a later round "
+                             f"reflects in text before it draws")
         if self.train_parts == "text" and not self.think:
             raise ValueError("train_parts='text' with think=False leaves nothing to train")
         if self.group_size % self.minibatches:

@@ -23,19 +23,24 @@ import unigrpo
 
 
 @torch.no_grad()
-def generate_eval(policy, prompts, cfg, cfg_scale: float, samples: int = 1):
-    """(rows, reasoning texts, images in [0, 1]) for `samples` rows per prompt: eval_temperature,
-    eval_steps ODE steps, text CFG at cfg_scale, eval_batch rows per call, a fixed seed."""
+def generate_eval(policy, prompts, cfg, cfg_scale: float, samples: int = 1, by_round: list | None = None):
+    """(rows, texts, images in [0, 1]) of the final round for `samples` rows per prompt: eval_temperature,
+    eval_steps ODE steps, text CFG at cfg_scale, eval_batch rows per call, a fixed seed. by_round, when
+    given, receives (texts, images) of every round (round 1's reasoning, then each reflection)."""
     rows = [p for p in prompts for _ in range(samples)]
     run = dataclasses.replace(cfg, cfg_scale=float(cfg_scale))
     g = torch.Generator().manual_seed(cfg.seed + 777)
-    texts, images = [], []
+    rounds = [([], []) for _ in range(cfg.rounds)]
     for i in range(0, len(rows), cfg.eval_batch):
-        th, _, img = unigrpo.generate(policy, rows[i:i + cfg.eval_batch], run, g,
-                                      temperature=cfg.eval_temperature, num_steps=cfg.eval_steps)
-        texts += th.texts
-        images.append(img)
-    return rows, texts, torch.cat(images)
+        th, _, img, later = unigrpo.generate(policy, rows[i:i + cfg.eval_batch], run, g,
+                                             temperature=cfg.eval_temperature, num_steps=cfg.eval_steps)
+        for (texts, images), (t, x) in zip(rounds, [(th.texts, img), *((r.thoughts.texts, r.images) for r in later)]):
+            texts += t
+            images.append(x)
+    rounds = [(texts, torch.cat(images)) for texts, images in rounds]
+    if by_round is not None:
+        by_round.extend(rounds)
+    return rows, *rounds[-1]
 
 
 def score(scorer, images: torch.Tensor, rows) -> dict[str, torch.Tensor]:
@@ -58,9 +63,15 @@ def score(scorer, images: torch.Tensor, rows) -> dict[str, torch.Tensor]:
 
 
 def evaluate_prompts(policy, prompts, scorer, cfg, cfg_scale: float = 1.0, samples: int = 1):
-    """(scores dict, rows, reasoning texts, images) of a prompt set at one CFG scale."""
-    rows, texts, images = generate_eval(policy, prompts, cfg, cfg_scale, samples)
-    return reward.summarize(score(scorer, images, rows), rows), rows, texts, images
+    """(scores dict, rows, reasoning texts, images) of a prompt set at one CFG scale: the final round's, and with
+    rounds > 1 also every round's overall scores (round{r}/<measure>)."""
+    rounds = []
+    rows, texts, images = generate_eval(policy, prompts, cfg, cfg_scale, samples, by_round=rounds)
+    result = reward.summarize(score(scorer, images, rows), rows)
+    for r, (_, x) in enumerate(rounds if len(rounds) > 1 else [], start=1):
+        result.update({f"round{r}/{k}": v for k, v in reward.summarize(score(scorer, x, rows), rows).items()
+                       if "/" not in k})
+    return result, rows, texts, images
 
 
 @torch.no_grad()
@@ -68,12 +79,21 @@ def evaluate(policy, cfg, n_per_category: int, cfg_scale: float = 1.0):
     """The toy world's held-out prompts, with the toy-only measures.
     Returns (scores dict, prompts, reasoning texts, images in [0, 1])."""
     prompts = toy.prompts("eval", n_per_category, seed=cfg.seed + 12345)
-    result, prompts, texts, images = evaluate_prompts(policy, prompts, toy.ToyReward(), cfg, cfg_scale)
-    plans = toy.score_plans(texts, prompts)
-    result.update(reward.summarize({"plan_validity": plans.all_correct}, prompts))
-    drawn, planned = plan_following(texts, images)
-    result["plan_following"] = drawn / max(planned, 1)
-    result["background_noise"] = background_noise(images)
+    rounds = []
+    prompts, texts, images = generate_eval(policy, prompts, cfg, cfg_scale, by_round=rounds)
+
+    def measures(texts, images):
+        result = reward.summarize(score(toy.ToyReward(), images, prompts), prompts)
+        result.update(reward.summarize({"plan_validity": toy.score_plans(texts, prompts).all_correct}, prompts))
+        drawn, planned = plan_following(texts, images)
+        result["plan_following"] = drawn / max(planned, 1)
+        result["background_noise"] = background_noise(images)
+        return result
+
+    result = measures(texts, images)                      # the final round's image and plan
+    if len(rounds) > 1:                                   # and every round's, round{r}/<measure>
+        for r, (t, x) in enumerate(rounds, start=1):
+            result.update({f"round{r}/{k}": v for k, v in measures(t, x).items() if "/" not in k})
     return result, prompts, texts, images
 
 
@@ -88,6 +108,7 @@ def curve_point(policy, cfg, prompts=None, scorer=None) -> dict:
     else:
         return {}
     keys = ("ta", "accuracy", "reward", "plan_validity", "plan_following", "background_noise")
+    keys += tuple(f"round{r}/{k}" for r in range(1, cfg.rounds + 1) for k in ("ta", "accuracy"))
     return {f"heldout_{k}": result[k] for k in keys if k in result}
 
 
@@ -142,7 +163,8 @@ def evaluate_stage(policy, cfg, run_dir: Path, stage: str, summary: dict, log, p
         if write:                                        # torchrun: rank 0 writes
             save_grid(run_dir / name, rows, texts, images, f"{stage} RL, CFG {s:g}", scorer)
         shown = "  ".join(f"{k.replace('_', ' ')} {result[k]:.3f}" for k in
-                          ("ta", "accuracy", "reward", "plan_validity", "plan_following") if k in result)
+                          ("ta", "accuracy", "reward", "plan_validity", "plan_following",
+                           *(f"round{r}/ta" for r in range(1, cfg.rounds + 1))) if k in result)
         log(f"{stage:>6}: {shown}  (CFG {s:g}, {len(rows)} images)")
     summary["seconds"][f"eval_{stage}"] = time.time() - t0
     summary[stage] = next(iter(results.values()))

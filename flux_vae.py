@@ -127,9 +127,9 @@ def convert_flux_ae_state_dict(sd: dict, num_levels: int, num_res_blocks: int) -
 
     A resnet has a shortcut exactly when its conv1 changes the width (as in FLUX). Raises KeyError
     naming every official key not in the FLUX topology and every diffusers key left unfilled."""
-    if int(num_levels) < 1 or int(num_res_blocks) < 1:
-        raise ValueError(f"num_levels={num_levels} and num_res_blocks={num_res_blocks} "
-                         f"must be >= 1")
+    if int(num_levels) < 1 or int(num_res_blocks) < 0:
+        raise ValueError(f"num_levels={num_levels} must be >= 1 and num_res_blocks={num_res_blocks} "
+                         f">= 0")
 
     def widens(resnet):
         w = sd.get(f"{resnet}.conv1.weight")

@@ -8,7 +8,9 @@ generation expert (`*_moe_gen`), used by the latent image tokens being denoised.
 attention per sample. A latent token enters as vae2llm(x_t) + time_embedder(t) + latent_pos_embed(pos)
 and leaves as llm2vae(norm_moe_gen(h)), the velocity v = eps - x_0. This file rebuilds it from
 transformers' Qwen2 blocks (RMSNorm, gated MLP, rotate-half RoPE) with the official keys, so loading
-and saving are plain copies. The toy preset is this same class with a tiny config.
+and saving are plain copies. The toy preset is this same class with a tiny config. A checkpoint with
+vit_config.json also gets Bagel's ViT and connector (vit.py, frozen), which read images into the context;
+interleaved_layout is the packed training sequence of a multi-round trajectory.
 
 Glossary
     R rows (prompts x group), K noisy blocks per row, N latent tokens per image (h x w grid,
@@ -41,6 +43,8 @@ import torch.utils.checkpoint
 from einops import rearrange, repeat
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb
+
+import vit
 
 # Bagel's inferencer.py, verbatim (the think-mode system prompt for image generation).
 GEN_THINK_SYSTEM_PROMPT = ("You should first think about the planning process in the mind and then "
@@ -80,6 +84,9 @@ class BagelConfig:
     timestep_shift: float = 1.0     # training t shift (Bagel's class default)
     prediction: str = "velocity"    # or "x0" (toy, deviation 2b)
     t_min: float = 0.05
+    vit_config: dict | None = None  # vit_config.json (SigLIP): the ViT reads images into the context
+    vit_max_num_patch_per_side: int = 70
+    connector_act: str = "gelu_pytorch_tanh"
 
     def __post_init__(self):
         side = self.max_latent_size * self.stride
@@ -254,6 +261,43 @@ def packed_layout(text_valid: torch.Tensor, K: int, N: int):
     return is_gen, pos, visible(mask[None] & key_valid[:, None, :])[:, None]
 
 
+def interleaved_layout(parts: list, R: int, device):
+    """The packed training sequence of an interleaved trajectory, as Bagel's packer builds it. parts: in
+    sequence order, (kind, is_gen (n,) bool, valid (R, n) bool or None) with kind
+      "text"   causal; advances the RoPE counter by its valid tokens, each at its own position;
+      "image"  a clean image in the context (VAE or ViT update): full attention, every token at the counter,
+               seen by every later part; advances the counter by 1;
+      "noisy"  one noisy block being denoised: full attention, at the counter, seen by no other part.
+    Returns is_gen (R, L), position ids (R, L), mask (R, 1, L, L) and valid (R, L). A part sees the valid
+    tokens of every earlier text or image part; [text, K noisy] is packed_layout's sequence."""
+    seg, is_gen, pos, valid = [], [], [], []
+    rope = torch.zeros(R, dtype=torch.long, device=device)
+    for i, (kind, gen, ok) in enumerate(parts):
+        n = gen.shape[0]
+        ok = torch.ones(R, n, dtype=torch.bool, device=device) if ok is None else ok
+        if kind == "text":
+            pos.append(rope[:, None] + torch.arange(n, device=device))
+            rope = rope + ok.sum(1)
+        elif kind in ("image", "noisy"):
+            pos.append(rope[:, None].expand(R, n))
+            rope = rope + (kind == "image")
+        else:
+            raise ValueError(f"parts[{i}]: unknown kind {kind!r} (text, image or noisy)")
+        seg.append(torch.full((n,), i, device=device))
+        is_gen.append(gen.to(device).expand(R, n))
+        valid.append(ok)
+    seg = torch.cat(seg)
+    kinds = [k for k, _, _ in parts]
+    full = torch.tensor([k != "text" for k in kinds], device=device)[seg]
+    private = torch.tensor([k == "noisy" for k in kinds], device=device)[seg]
+    col = torch.arange(seg.numel(), device=device)
+    earlier = (seg[None, :] < seg[:, None]) & ~private[None, :]
+    same = (seg[None, :] == seg[:, None]) & (full[:, None] | (col[None, :] <= col[:, None]))
+    valid = torch.cat(valid, 1)
+    mask = visible((earlier | same)[None] & valid[:, None, :])[:, None]
+    return torch.cat(is_gen, 1), torch.cat(pos, 1), mask, valid
+
+
 @dataclass
 class PackedBlocks:
     """packed_layout's mask as structure (deviation 1): text_len text columns, then K blocks of
@@ -331,6 +375,8 @@ class Router:
 
 
 # ---------------------------------------------------------------------------------------- the MoT
+FROZEN_PREFIXES = ("latent_pos_embed.", "vit_pos_embed.", "vit_model.", "connector.")
+
 class MoTAttention(nn.Module):
     """Qwen2 attention with q/k RMSNorm, duplicated for the generation expert; one joint SDPA."""
 
@@ -430,6 +476,15 @@ class BagelMoT(nn.Module):
         self.vae2llm = nn.Linear(cfg.patch_dim, cfg.hidden_size)
         self.llm2vae = nn.Linear(cfg.hidden_size, cfg.patch_dim)
         self.latent_pos_embed = _PosEmbed(cfg.hidden_size, cfg.max_latent_size)
+        if cfg.vit_config is not None:       # the understanding path for images in the context (vit.py)
+            siglip = vit.siglip_config(cfg.vit_config)
+            if siglip.image_size // siglip.patch_size != cfg.vit_max_num_patch_per_side:
+                raise ValueError(f"vit_config image_size / patch_size = {siglip.image_size // siglip.patch_size}"
+                                 f" must equal vit_max_num_patch_per_side={cfg.vit_max_num_patch_per_side}")
+            self.vit_model = vit.VisionTower(siglip)
+            self.connector = vit.Connector(siglip.hidden_size, cfg.hidden_size, cfg.connector_act)
+            self.vit_pos_embed = _PosEmbed(cfg.hidden_size, cfg.vit_max_num_patch_per_side)
+        self.freeze_untrained()
         self.checkpoint_layers = False     # activation checkpointing per decoder layer (Config switch)
 
     @property
@@ -451,6 +506,20 @@ class BagelMoT(nn.Module):
         pos = latent_position_ids(h, w, self.cfg.max_latent_size, x_t.device)
         lat = self.vae2llm(x_t.to(self.vae2llm.weight.dtype))
         return lat + self.time_embedder(t)[..., None, :] + self.latent_pos_embed.pos_embed[pos]
+
+    def embed_vit(self, pixels: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+        """pixels (R, 3, H, W) in [-1, 1] -> (R, n, H) LLM inputs of the ViT patches:
+        connector(SigLIP features) + vit_pos_embed(row * vit_max_num_patch_per_side + col)."""
+        if not hasattr(self, "vit_model"):
+            raise ValueError("this model has no ViT (its checkpoint folder has no vit_config.json, or "
+                             "bagel_config.json says visual_und=false): it cannot read an image through the ViT")
+        side = self.cfg.vit_max_num_patch_per_side
+        feats, (h, w) = vit.vit_forward(self.vit_model, pixels, side, trace)
+        out = self.connector(feats)
+        pos = vit.vit_position_ids(h, w, side, pixels.device)
+        if trace is not None:
+            trace.update(vit_out=feats, connector_out=out, vit_pos_embed=self.vit_pos_embed.pos_embed[pos])
+        return out + self.vit_pos_embed.pos_embed[pos]
 
     def head(self, hidden, x_t, t):
         """The velocity from final gen-expert hiddens; x0 mode (deviation 2b) converts x0_hat to
@@ -491,11 +560,17 @@ class BagelMoT(nn.Module):
     def expert_of(name: str) -> str | None:
         """'denoising' for the generation expert's parameters (*_moe_gen, time_embedder, vae2llm,
         llm2vae), 'reasoning' for the rest (und expert, embed_tokens, lm_head, final norm), None for
-        the frozen position table."""
-        if name.startswith("latent_pos_embed."):
+        the frozen parts: the position tables, the ViT and its connector (the paper trains two experts)."""
+        if name.startswith(FROZEN_PREFIXES):
             return None
         gen = "_moe_gen" in name or name.startswith(("time_embedder.", "vae2llm.", "llm2vae."))
         return "denoising" if gen else "reasoning"
+
+    def freeze_untrained(self):
+        """requires_grad False on the frozen parts (expert_of None); loading with assign=True resets it."""
+        for name, p in self.named_parameters():
+            if self.expert_of(name) is None:
+                p.requires_grad_(False)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> BagelMoT:

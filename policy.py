@@ -3,12 +3,19 @@
     think(prompts, n, max_new_tokens, temperature)  reasoning chains, KV-cached -> Thoughts
                                                      (with_context=True: and that cache as the Context)
     context(thoughts)                                the conditioning cache, once per row -> Context
-    velocity(x_t, t, context)                        v_theta(x_t, t): the generation expert, cached text
+    context([text, ContextImage, text, ...])         the same from interleaved segments (multi-round)
+    context_image(ctx, image), think_from(ctx, ...)  an image into the cache (VAE, then ViT); a reflection
+    velocity(x_t, t, context)                        v_theta(x_t, t): the generation expert, cached context
     train_forward(thoughts, x_t, t)                  one packed forward: reasoning log-probs, K velocities
+    train_forward_turns([Turn, ...])                 the same over an interleaved multi-round trajectory
     encode(images), decode(x_0), param_groups()      the image codec; reasoning vs denoising parameters
 
 Rollouts use the cached path (think, context, velocity); the update recomputes with the packed path.
-Before any update the two agree (ratio = 1 up to float error; a test). Loading: checkpoint.py.
+Before any update the two agree (ratio = 1 up to float error; a test), for one round and for several.
+An image enters the context as Bagel's update_context_image does (reference/bagel_context/NOTES.md):
+the VAE update (markers: und expert; clean latents at t = 0: gen expert) and then the ViT update (vit.py;
+und expert), each a full-attention cache write at the RoPE counter, which then advances by one.
+Loading: checkpoint.py.
 
 Glossary
     R rows (prompts x group), P prompt tokens, T reasoning tokens, K noisy blocks per row, N latent
@@ -27,6 +34,8 @@ Deviations / borrowed defaults
     4. embed_hook (Bagel: None): a toy's extra term on the text tokens' input embeddings, with a
        per-row carry kept in the Context across KV-cached calls (toy_policy.Grounding).
     5. The FLUX VAE is loaded lazily at the first encode/decode, from the checkpoint folder.
+    6. seen_image encodes the posterior mean (Bagel's encode samples it) and reads a generated image at
+       its own size (Bagel first applies the VAE transform's resize, a no-op for its own outputs).
 """
 from __future__ import annotations
 
@@ -40,8 +49,9 @@ from torch.nn import functional as F
 
 import lora
 import sampler
+import vit
 from model import (BagelConfig, BagelMoT, block_layout, check_tokenizer, guided_velocity,
-                   packed_blocks, packed_layout, pad_rows, patchify, unpatchify, visible)
+                   interleaved_layout, packed_blocks, packed_layout, pad_rows, patchify, unpatchify, visible)
 
 
 @dataclass
@@ -88,6 +98,31 @@ class Context:
             return None if x is None else x.repeat_interleave(n, 0)
         return Context([rep(k) for k in self.keys], [rep(v) for v in self.values],
                        rep(self.key_mask), rep(self.rope_next), rep(self.hook_carry))
+
+
+@dataclass
+class ContextImage:
+    """An image entering the context, as Bagel's update_context_image puts it there: the VAE update (its
+    clean latent tokens at t = 0 through the generation expert, the markers through the understanding
+    expert), then the ViT update (every token through the understanding expert). Either may be left out."""
+    latents: torch.Tensor | None = None     # (R, N, D) x_0 tokens (encode of the image)
+    vit_pixels: torch.Tensor | None = None  # (R, 3, H', W') in [-1, 1] (vit.preprocess, the ViT transform)
+    image_hw: tuple | None = None           # pixel size of the latents' image; None: cfg.image_hw
+
+    def select(self, idx) -> ContextImage:
+        return ContextImage(*(None if x is None else x[idx] for x in (self.latents, self.vit_pixels)),
+                            self.image_hw)
+
+
+@dataclass
+class Turn:
+    """One round of an interleaved trajectory, as the packed training forward reads it: the round's text
+    (round 1: prompt and reasoning; later rounds: the reflection, thoughts with an empty prompt), its K noisy
+    window blocks, then `seen`, the round's image as it entered the context (None in the last round)."""
+    thoughts: Thoughts
+    x_t: torch.Tensor                  # (R, K, N, D)
+    t: torch.Tensor | float            # (R, K), (K,) or a float
+    seen: ContextImage | None = None
 
 
 @dataclass
@@ -182,13 +217,32 @@ class Policy(nn.Module):
         thinking = max_new_tokens > 0
         prefixes = [self._prompt_prefix(p, i, max_new_tokens, thinking) for i, p in enumerate(prompts)]
         P_ids, P_mask = pad_rows(prefixes, self.cfg.pad_id, self.device)
-        R, c, dev = len(prompts) * n, self.cfg, self.device
+        R, dev = len(prompts) * n, self.device
         prompt_ids, prompt_mask = P_ids.repeat_interleave(n, 0), P_mask.repeat_interleave(n, 0)
         if not thinking:
             empty = torch.zeros(R, 0, dtype=torch.long, device=dev)
             th = Thoughts(prompt_ids, prompt_mask, empty, empty.bool(), empty.float(), [""] * R)
             return (th, self.forward_text(P_ids, P_mask)[1].repeat_interleave(n)) if with_context else th
         ctx = self.forward_text(P_ids, P_mask)[1].repeat_interleave(n)
+        return self._sample_chunk(ctx, prompt_ids, prompt_mask, max_new_tokens, temperature, generator,
+                                  with_context)
+
+    @torch.no_grad()
+    def think_from(self, ctx: Context, max_new_tokens: int, temperature: float = 1.0,
+                   generator: torch.Generator | None = None, with_context: bool = False):
+        """think, continuing any context (a reflection after an image): one chunk per row of ctx, sampled
+        after im_start until im_end or max_new_tokens. The Thoughts have an empty prompt."""
+        if max_new_tokens < 0 or temperature < 0:
+            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0; got {max_new_tokens}, {temperature}")
+        R = ctx.key_mask.shape[0]
+        none = torch.zeros(R, 0, dtype=torch.long, device=self.device)
+        if max_new_tokens == 0:
+            th = Thoughts(none, none.bool(), none, none.bool(), none.float(), [""] * R)
+            return (th, ctx) if with_context else th
+        return self._sample_chunk(ctx, none, none.bool(), max_new_tokens, temperature, generator, with_context)
+
+    def _sample_chunk(self, ctx, prompt_ids, prompt_mask, max_new_tokens, temperature, generator, with_context):
+        R, c, dev = ctx.key_mask.shape[0], self.cfg, self.device
         tok = torch.full((R,), c.im_start_id, dtype=torch.long, device=dev)
         alive = torch.ones(R, dtype=torch.bool, device=dev)
         ids, mask, logp = [], [], []
@@ -228,11 +282,92 @@ class Policy(nn.Module):
         logp = torch.zeros(ids.shape, device=self.device)
         return Thoughts(P_ids, P_mask, ids, mask, logp, list(reasonings))
 
-    def context(self, thoughts: Thoughts) -> Context:
-        """Prefill [prompt_ids, reasoning chunk] once per row (causal, und expert); every denoising
-        step reuses it."""
-        ids, valid, _ = text_rows(self.cfg, thoughts, self.device)
-        return self.forward_text(ids, valid)[1]
+    def context(self, source, past: Context | None = None) -> Context:
+        """The conditioning cache; every denoising step reuses it. source: Thoughts (prefill [prompt_ids,
+        reasoning chunk] once per row, causal, und expert) or interleaved segments in order, each a text chunk
+        (a str for every row, or a list of one str per row: [im_start] + text + [im_end], causal) or a
+        ContextImage (context_image). past: the context they continue (None: empty)."""
+        if isinstance(source, Thoughts):
+            ids, valid, _ = text_rows(self.cfg, source, self.device)
+            return self.forward_text(ids, valid, past)[1]
+        ctx = past
+        for i, seg in enumerate(source):
+            if isinstance(seg, ContextImage):
+                if ctx is None:
+                    ctx = self.empty_context(next(x for x in (seg.latents, seg.vit_pixels) if x is not None).shape[0])
+                ctx = self.context_image(ctx, seg)
+                continue
+            if not isinstance(seg, (str, list, tuple)):
+                raise TypeError(f"segments[{i}]: a str, a list of str or a ContextImage, not {type(seg).__name__}")
+            texts = [seg] * (1 if ctx is None else ctx.key_mask.shape[0]) if isinstance(seg, str) else list(seg)
+            c = self.cfg
+            ids, valid = pad_rows([[c.im_start_id] + self._encode_text(x) + [c.im_end_id] for x in texts],
+                                  c.pad_id, self.device)
+            ctx = self.forward_text(ids, valid, ctx)[1]
+        if ctx is None:
+            raise ValueError("context: no segments")
+        return ctx
+
+    def image_parts(self, image: ContextImage) -> list:
+        """The cache updates of an image in the context, in Bagel's order (VAE, then ViT): for each,
+        (input embeddings (R, n, H), is_gen (n,)); the markers are plain text embeddings."""
+        c, parts = self.cfg, []
+        if image.latents is None and image.vit_pixels is None:
+            raise ValueError("ContextImage holds neither latents (VAE update) nor vit_pixels (ViT update)")
+        if image.latents is not None:
+            h, w = _check_latents(c, image.latents, image.image_hw, 3)
+            R, N = image.latents.shape[:2]
+            t0 = torch.zeros(R, 1, device=self.device)              # a clean context image: t = 0
+            parts.append((_blocks(self.model, image.latents[:, None].to(self.device), t0, h, w),
+                          block_layout(t0[:, 0].long(), 1, N)[0][0]))
+        if image.vit_pixels is not None:
+            px = image.vit_pixels
+            if px.ndim != 4 or px.shape[1] != 3:
+                raise ValueError(f"ContextImage.vit_pixels must be (R, 3, H, W), got {tuple(px.shape)}")
+            tok = self.model.embed_vit(px.to(self.device))
+            R, n = tok.shape[:2]
+            marks = [self.model.embed_text(torch.full((R, 1), i, dtype=torch.long, device=self.device))
+                     for i in (c.vision_start_id, c.vision_end_id)]
+            parts.append((torch.cat([marks[0], tok.to(marks[0].dtype), marks[1]], 1),
+                          torch.zeros(n + 2, dtype=torch.bool, device=self.device)))
+        return parts
+
+    def seen_image(self, images: torch.Tensor, use_vit: bool = True) -> ContextImage:
+        """A generated image (R, 3, H, W) in [0, 1] as the next round reads it, as Bagel's interleave_inference
+        does: quantised to uint8 (decode_image), then its latent tokens (encode: the VAE update) and, when the
+        model has a ViT and use_vit, the ViT transform's pixels (the ViT update)."""
+        u8 = (images.clamp(0, 1) * 255).to(torch.uint8)            # truncation, as Bagel's decode_image
+        latents = self.encode(u8.to(self.model.dtype) / 255 * 2 - 1)
+        px = None
+        if use_vit and self.cfg.vit_config is not None:
+            P = self.model.vit_model.patch_size
+            side = self.cfg.vit_max_num_patch_per_side * P
+            rows = u8.permute(0, 2, 3, 1).cpu().numpy()
+            px = torch.stack([vit.preprocess(r, side, min(vit.VIT_TRANSFORM[1], side), P) for r in rows])
+            px = px.to(self.device, self.model.dtype)
+        return ContextImage(latents, px, tuple(images.shape[-2:]))
+
+    def _image_pass(self, emb, is_gen, ctx: Context):
+        """Image tokens emb (R, n, H) at ctx's RoPE counter, full attention over the cache and themselves:
+        (final hidden, per-layer (k, v))."""
+        R, n = emb.shape[:2]
+        if ctx.key_mask.shape[0] != R:
+            raise ValueError(f"context has {ctx.key_mask.shape[0]} rows, the image {R}")
+        ones = torch.ones(R, n, dtype=torch.bool, device=self.device)
+        mask = torch.cat([ctx.key_mask, ones], 1)[:, None, None, :]
+        return self.model(emb, is_gen.expand(R, n), ctx.rope_next[:, None].expand(R, n), mask, ctx.past())
+
+    def context_image(self, ctx: Context, image: ContextImage) -> Context:
+        """Bagel's update_context_image: each of image_parts is one cache write at the RoPE counter (every
+        token, markers included), full attention; the counter then advances by 1, the cache by n + 2."""
+        for emb, is_gen in self.image_parts(image):
+            _, present = self._image_pass(emb, is_gen, ctx)
+            R, n = emb.shape[:2]
+            ctx = Context([torch.cat([pk, k], 2) for pk, (k, _) in zip(ctx.keys, present)],
+                          [torch.cat([pv, v], 2) for pv, (_, v) in zip(ctx.values, present)],
+                          torch.cat([ctx.key_mask, torch.ones(R, n, dtype=torch.bool, device=self.device)], 1),
+                          ctx.rope_next + 1, ctx.hook_carry)
+        return ctx
 
     def uncond_context(self, R: int) -> Context:
         """Bagel's text-unconditional CFG context in think mode: the system chunk only (or empty)."""
@@ -256,11 +391,10 @@ class Policy(nn.Module):
         t = _as_times(t, (R,), self.device)
         block = _blocks(self.model, x_t[:, None], t[:, None], h, w)
 
+        is_gen = block_layout(t[:1].long(), 1, N)[0][0]
+
         def v_of(ctx):
-            is_gen, pos = block_layout(ctx.rope_next, 1, N)
-            ones = torch.ones(R, N + 2, dtype=torch.bool, device=self.device)
-            mask = torch.cat([ctx.key_mask, ones], 1)[:, None, None, :]
-            hid, _ = self.model(block, is_gen, pos, mask, ctx.past())
+            hid, _ = self._image_pass(block, is_gen, ctx)
             return self.model.head(hid[:, 1:-1], x_t, t)
 
         v = v_of(context)
@@ -299,7 +433,53 @@ class Policy(nn.Module):
         logp = torch.log_softmax(logits.float(), -1).gather(2, thoughts.ids[..., None]).squeeze(2)
         return TrainOutput(logp * thoughts.mask, v)
 
-    forward = train_forward  # so wrappers (DDP, FSDP2 root hooks) see the training pass in __call__
+    def train_forward_turns(self, turns: list[Turn], image_hw=None) -> list[TrainOutput]:
+        """train_forward over an interleaved trajectory, one packed forward (model.interleaved_layout):
+        [text 1, K noisy blocks of image 1, image 1 as clean context, text 2, K noisy blocks of image 2, ...].
+        Each noisy block is private; later tokens see the texts and the clean context images, never a noisy
+        block. Returns one TrainOutput per turn (its text's log-probs, its K velocities)."""
+        R, dev = turns[0].thoughts.ids.shape[0], self.device
+        parts, embs, reads, carry, L = [], [], [], None, 0
+        for r, turn in enumerate(turns):
+            h, w = _check_latents(self.cfg, turn.x_t, image_hw, 4)
+            if turn.thoughts.ids.shape[0] != R or turn.x_t.shape[0] != R:
+                raise ValueError(f"turns[{r}] has {turn.thoughts.ids.shape[0]} text rows and {turn.x_t.shape[0]}"
+                                 f" image rows, turns[0] {R}")
+            if turn.seen is None and r < len(turns) - 1:
+                raise ValueError(f"turns[{r}].seen is None: every turn but the last puts its image in the context")
+            ids, valid, starts = text_rows(self.cfg, turn.thoughts, dev)
+            e, carry = self.text_embeddings(ids, valid, carry)
+            parts.append(("text", torch.zeros(ids.shape[1], dtype=torch.bool, device=dev), valid))
+            embs.append(e)
+            K, N = turn.x_t.shape[1:3]
+            t = _as_times(turn.t, (R, K), dev)
+            reads.append((L, ids.shape[1], starts, L + ids.shape[1], K, N, t))
+            L += ids.shape[1] + K * (N + 2)
+            gen = block_layout(starts[:1], 1, N)[0][0]
+            parts += [("noisy", gen, None)] * K
+            embs.append(_blocks(self.model, turn.x_t, t, h, w))
+            for emb, is_gen in self.image_parts(turn.seen) if turn.seen is not None else ():
+                parts.append(("image", is_gen, None))
+                embs.append(emb)
+                L += emb.shape[1]
+        is_gen, pos, mask, valid = interleaved_layout(parts, R, dev)
+        hid, _ = self.model(torch.cat(embs, 1), is_gen, pos, mask, skip=~valid)
+        outs = []
+        for turn, (t0, n, starts, b0, K, N, t) in zip(turns, reads):
+            T = turn.thoughts.ids.shape[1]
+            cols = (t0 + starts[:, None] + torch.arange(T, device=dev)).clamp(max=t0 + max(n - 1, 0))
+            logits = self.model.logits(hid.gather(1, cols[..., None].expand(-1, -1, hid.shape[-1])))
+            logp = torch.log_softmax(logits.float(), -1).gather(2, turn.thoughts.ids[..., None]).squeeze(2)
+            lat = hid[:, b0:b0 + K * (N + 2)].unflatten(1, (K, N + 2))[:, :, 1:-1]
+            outs.append(TrainOutput(logp * turn.thoughts.mask, self.model.head(lat, turn.x_t, t)))
+        return outs
+
+    def forward(self, thoughts, x_t=None, t=None, image_hw=None):
+        """train_forward, or train_forward_turns for a list of Turns: wrappers (DDP, FSDP2's root hooks)
+        see the training pass in __call__."""
+        if isinstance(thoughts, (list, tuple)):
+            return self.train_forward_turns(thoughts, image_hw)
+        return self.train_forward(thoughts, x_t, t, image_hw)
 
     @property
     def codec(self):

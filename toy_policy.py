@@ -32,7 +32,7 @@ from tqdm import tqdm
 import checkpoint
 import toy
 from model import BagelConfig, train_timesteps
-from policy import Policy
+from policy import ContextImage, Policy, Thoughts, Turn
 
 
 class WordTokenizer:
@@ -183,22 +183,44 @@ def from_pretrained(folder, dtype=torch.float32, device="cpu") -> Policy:
 
 
 # ------------------------------------------------------------------------------------------ SFT warm-up
-def sft_batch(cfg, step: int):
-    """Synthetic (prompt, plan, image) triples: a random valid layout, its canonical plan, its render. A
-    triple's plan is wrong with probability sft_noise (one corrupt_layout error; the image still draws that
-    plan) and, independently, its image is off its plan with probability sft_image_noise (one error)."""
+def _sft_layouts(cfg, step: int):
+    """The prompts of SFT step `step` and, per row, its valid layout, its plan's layout and its image's."""
     prompts = toy.train_prompts(cfg.seed, step, cfg.sft_batch, split="train")
     rng = random.Random(f"{cfg.seed}/sft-layout/{step}")
 
     def noisy(layout, p):
         return toy.corrupt_layout(layout, rng) if p and rng.random() < p else layout
 
-    plans, drawn = [], []
+    valid, plans, drawn = [], [], []
     for prompt in prompts:
-        layout = noisy(toy.random_layout(prompt, rng), cfg.sft_noise)   # the plan (wrong for its prompt)
-        plans.append(toy.plan_text(layout))
-        drawn.append(noisy(layout, cfg.sft_image_noise))                # the image (off its plan)
-    return prompts, plans, toy.render_batch(drawn).to(cfg.device)
+        valid.append(toy.random_layout(prompt, rng))
+        plans.append(noisy(valid[-1], cfg.sft_noise))                    # the plan (wrong for its prompt)
+        drawn.append(noisy(plans[-1], cfg.sft_image_noise))              # the image (off its plan)
+    return prompts, valid, plans, drawn
+
+
+def sft_batch(cfg, step: int):
+    """Synthetic (prompt, plan, image) triples: a random valid layout, its canonical plan, its render. A
+    triple's plan is wrong with probability sft_noise (one corrupt_layout error; the image still draws that
+    plan) and, independently, its image is off its plan with probability sft_image_noise (one error)."""
+    prompts, _, plans, drawn = _sft_layouts(cfg, step)
+    return prompts, [toy.plan_text(p) for p in plans], toy.render_batch(drawn).to(cfg.device)
+
+
+def sft_reflections(cfg, step: int):
+    """Round 2 of the rows of SFT step `step` that train as two rounds (sft_reflect): (rows (sft_batch,) bool,
+    their first images, reflections, second images). The first image is the row's, off its plan one time in
+    two more; the reflection is the correct plan (the same plan where the first was right) and the second
+    image its render."""
+    rng = random.Random(f"{cfg.seed}/sft-reflect/{step}")
+    _, valid, _, drawn = _sft_layouts(cfg, step)
+    rows = torch.tensor([rng.random() < cfg.sft_reflect for _ in valid])
+    first = [toy.corrupt_layout(d, rng) if rng.random() < 0.5 else d for d, r in zip(drawn, rows) if r]
+    fixed = [v for v, r in zip(valid, rows) if r]
+    if not fixed:
+        return rows, None, [], None
+    return (rows, toy.render_batch(first).to(cfg.device), [toy.plan_text(v) for v in fixed],
+            toy.render_batch(fixed).to(cfg.device))
 
 
 def sft_drop(cfg, step: int) -> torch.Tensor:
@@ -207,13 +229,33 @@ def sft_drop(cfg, step: int) -> torch.Tensor:
     return torch.tensor([rng.random() < cfg.sft_cfg_drop for _ in range(cfg.sft_batch)])
 
 
-def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0, drop=None):
+def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0, drop=None, reflect=None):
     """Bagel's own losses on (prompt, plan, image) triples: CE on the plan + mse_weight * flow-matching MSE.
 
     images: (R, 3, H, W) in [0, 1]. One train_forward gives both, with K = 1 noisy block per sample.
     drop (R,) bool: rows whose image is trained on the unconditional input that CFG reads (an empty
     prompt chunk, no reasoning: unigrpo.uncond_thoughts), as Bagel drops the text of a share of its data.
+    reflect: sft_reflections' output; its rows train as two rounds in one interleaved forward
+    ([prompt, plan, noisy image, the image as context, reflection, noisy second image]).
     """
+    if reflect is not None and reflect[1] is not None:
+        return _sft_loss_two_rounds(policy, prompts, plans, images, generator, mse_weight, drop, reflect)
+    out, thoughts, target = _one_round(policy, prompts, plans, images, generator, drop)
+    ce = -(out.logp * thoughts.mask).sum() / thoughts.mask.sum().clamp(min=1)
+    mse = ((out.v[:, 0] - target) ** 2).mean()
+    return ce + mse_weight * mse, {"sft_ce": ce.item(), "sft_mse": mse.item()}
+
+
+def _noised(x_0, generator, shift):
+    """Bagel's training noise: a logit-normal t per row, then x_t = (1 - t) x_0 + t eps: (t, x_t, eps - x_0)."""
+    u = torch.randn(x_0.shape[0], generator=generator, device=generator.device).to(x_0.device)
+    t = train_timesteps(u, shift)
+    eps = torch.randn(x_0.shape, generator=generator, device=generator.device).to(x_0.device)
+    return t, (1 - t)[:, None, None] * x_0 + t[:, None, None] * eps, eps - x_0
+
+
+def _one_round(policy, prompts, plans, images, generator, drop):
+    """(train_forward output, thoughts, velocity target) of one-round SFT rows."""
     dropped = [False] * len(prompts) if drop is None else drop.tolist()
     thoughts = policy.thoughts_from_text(["" if d else p.text for p, d in zip(prompts, dropped)],
                                          ["" if d else plan for plan, d in zip(plans, dropped)])
@@ -222,14 +264,33 @@ def sft_loss(policy, prompts, plans, images, generator, mse_weight: float = 1.0,
         thoughts.mask = thoughts.mask & keep
         thoughts.ids = torch.where(keep, thoughts.ids, policy.cfg.pad_id)
     x_0 = policy.encode(images * 2 - 1)                                   # (R, N, D)
-    R = x_0.shape[0]
-    u = torch.randn(R, generator=generator, device=generator.device).to(x_0.device)   # logit-normal t
-    t = train_timesteps(u, policy.cfg.timestep_shift)
-    eps = torch.randn(x_0.shape, generator=generator, device=generator.device).to(x_0.device)
-    x_t = (1 - t)[:, None, None] * x_0 + t[:, None, None] * eps
-    out = policy.train_forward(thoughts, x_t[:, None], t[:, None])
-    ce = -(out.logp * thoughts.mask).sum() / thoughts.mask.sum().clamp(min=1)
-    mse = ((out.v[:, 0] - (eps - x_0)) ** 2).mean()
+    t, x_t, target = _noised(x_0, generator, policy.cfg.timestep_shift)
+    return policy.train_forward(thoughts, x_t[:, None], t[:, None]), thoughts, target
+
+
+def _sft_loss_two_rounds(policy, prompts, plans, images, generator, mse_weight, drop, reflect):
+    """sft_loss with reflect rows: the other rows as one round, the reflect rows as two (their first image
+    the reflection data's), CE over every text token and MSE over every noisy block."""
+    rows, first, reflections, second = reflect
+    drop = None if drop is None else drop & ~rows                # a reflect row keeps its text
+    keep, idx = (~rows).nonzero()[:, 0].tolist(), rows.nonzero()[:, 0].tolist()
+    ce_sum, tokens, mse_sum, blocks = 0.0, 0, 0.0, 0
+    if keep:
+        out, th, target = _one_round(policy, [prompts[i] for i in keep], [plans[i] for i in keep], images[keep],
+                                     generator, None if drop is None else drop[keep])
+        ce_sum, tokens = -(out.logp * th.mask).sum(), th.mask.sum()
+        mse_sum, blocks = ((out.v[:, 0] - target) ** 2).mean((1, 2)).sum(), len(keep)
+    th1 = policy.thoughts_from_text([prompts[i].text for i in idx], [plans[i] for i in idx])
+    th2 = policy.thoughts_from_text([""] * len(idx), reflections)
+    th2 = Thoughts(th2.prompt_ids[:, :0], th2.prompt_mask[:, :0], th2.ids, th2.mask, th2.logp, th2.texts)
+    x1, x2 = policy.encode(first * 2 - 1), policy.encode(second * 2 - 1)
+    (t1, xt1, v1), (t2, xt2, v2) = (_noised(x, generator, policy.cfg.timestep_shift) for x in (x1, x2))
+    outs = policy.train_forward_turns([Turn(th1, xt1[:, None], t1[:, None], ContextImage(latents=x1)),
+                                       Turn(th2, xt2[:, None], t2[:, None])])
+    for out, th, target in zip(outs, (th1, th2), (v1, v2)):
+        ce_sum, tokens = ce_sum - (out.logp * th.mask).sum(), tokens + th.mask.sum()
+        mse_sum, blocks = mse_sum + ((out.v[:, 0] - target) ** 2).mean((1, 2)).sum(), blocks + len(idx)
+    ce, mse = ce_sum / tokens.clamp(min=1), mse_sum / blocks
     return ce + mse_weight * mse, {"sft_ce": ce.item(), "sft_mse": mse.item()}
 
 
@@ -238,7 +299,8 @@ def sft_cache_path(policy, cfg, cache_dir: Path) -> Path:
     vocabulary and hook, the seed, the sft_* settings and the data (through its first batch's plans)."""
     hook = policy.embed_hook.spec() if policy.embed_hook is not None else None
     what = [checkpoint.config_to_json(policy.cfg), getattr(policy.tokenizer, "vocab", None), hook, cfg.seed,
-            *(getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name.startswith("sft_")),
+            *(getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.name.startswith("sft_") and (f.name != "sft_reflect" or cfg.sft_reflect)),
             sft_batch(cfg, 0)[1]]
     key = hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"sft-{key}.safetensors"
@@ -284,7 +346,8 @@ def sft(policy, cfg, cache_dir: Path, log, probe=None, probe_every: int = 100) -
     for step in (bar := tqdm(range(cfg.sft_steps), desc="SFT", dynamic_ncols=True, disable=None)):
         prompts, plans, images = sft_batch(cfg, step)
         drop = sft_drop(cfg, step) if cfg.sft_cfg_drop else None
-        loss, stats = sft_loss(policy, prompts, plans, images, g, cfg.sft_mse_weight, drop)
+        reflect = sft_reflections(cfg, step) if cfg.sft_reflect else None
+        loss, stats = sft_loss(policy, prompts, plans, images, g, cfg.sft_mse_weight, drop, reflect)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -7,6 +7,12 @@ Group-relative advantages (Eq. (1)) are shared by all text and image actions of 
 objective J = J_text + lam * J_flow (Eq. (7)) updates both experts of the same model through one
 packed forward.
 
+Multi-round (cfg.rounds > 1, the paper's future work): each later round puts the previous image into the
+context (Policy.context_image), samples a reflection (Policy.think_from: more text actions) and draws again.
+The rollout stays linear and CFG-free; the reward scores the final image; one advantage per trajectory
+weights all its text and image actions; Eq. (7) is summed over the rounds (round_objective), each with its
+own velocity MSE; the update reads every round from one packed forward (Policy.train_forward_turns).
+
 This module talks to the model only through the Policy interface (policy.py): think,
 context, velocity, train_forward, decode, encode, param_groups; it gets the frozen reference through
 one function (reference_policy) and holds no state of its own. The equations live in losses.py and
@@ -30,12 +36,13 @@ Deviations / borrowed defaults (each a Config field, its paper value noted there
 - RatioNorm's bias term assumes Eq. (3)'s Gaussian log-density averaged over elements, so
   `ratio_norm=True` needs `sde_kind="sde"` and `logprob_reduce="mean"` (checked).
 - A non-finite loss or gradient norm raises FloatingPointError before the optimizer step.
+- Multi-round: every round uses the batch's one SDE window, and a reflection gets max_think_tokens.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -45,20 +52,45 @@ import losses
 import sampler
 from config import Config
 from model import guided_velocity
-from policy import Thoughts, TrainOutput
+from policy import ContextImage, Thoughts, TrainOutput, Turn
 
 
 # ----------------------------------------------------------------------------------------------- rollout
 @dataclass
+class Round:
+    """Round r >= 2 of a multi-round trajectory (think -> image -> reflect -> image): the previous image as it
+    entered the context, the reflection sampled after it (text actions), and this round's image (actions)."""
+    seen: ContextImage           # the previous round's image in the context (its latents; ViT pixels)
+    thoughts: Thoughts           # the reflection: ids, mask, old log-probs; empty prompt
+    traj: sampler.Trajectory     # this round's SDE window and x_0
+    images: torch.Tensor         # (R, 3, H, W) in [0, 1]
+
+    @staticmethod
+    def cat(parts: list[Round]) -> Round:
+        seen = [p.seen for p in parts]
+        return Round(ContextImage(*(None if getattr(seen[0], k) is None else torch.cat([getattr(x, k) for x in seen])
+                                    for k in ("latents", "vit_pixels")), seen[0].image_hw),
+                     Thoughts.cat([p.thoughts for p in parts]), sampler.Trajectory.cat([p.traj for p in parts]),
+                     torch.cat([p.images for p in parts]))
+
+
+@dataclass
 class Rollout:
-    """One batch of trajectories: everything the update reads, produced once, under no_grad."""
+    """One batch of trajectories: everything the update reads, produced once, under no_grad. thoughts and
+    traj are round 1's; later holds rounds 2.. (empty for one round)."""
     prompts: list                # (R,) prompt objects (with .text), group-contiguous
     thoughts: object             # policy.Thoughts: prompt ids, reasoning ids/mask, old token log-probs
     traj: sampler.Trajectory     # x_t, x_next, mean, std, log_prob at the K window steps; x_0
-    images: torch.Tensor         # (R, 3, H, W) in [0, 1]
+    images: torch.Tensor         # (R, 3, H, W) in [0, 1], the final image (the one the reward scores)
     rewards: torch.Tensor        # (R,)
-    advantages: torch.Tensor     # (R,), Eq. (1), shared by the text and image actions of a row
+    advantages: torch.Tensor     # (R,), Eq. (1), shared by every text and image action of a row
     first_row: int = 0           # global index of row 0 (its rank's offset): keys the minibatch draw
+    later: list = field(default_factory=list)   # Round per round after the first
+    round_rewards: torch.Tensor | None = None   # (rounds, R): every round's image scored (analysis only)
+
+    def rounds(self) -> list:
+        """(thoughts, traj) of every round: round 1's reasoning and window, then each reflection and window."""
+        return [(self.thoughts, self.traj), *((r.thoughts, r.traj) for r in self.later)]
 
 
 def _texts(prompts) -> list[str]:
@@ -74,25 +106,40 @@ def uncond_thoughts(policy, n_rows: int):
 @torch.no_grad()
 def generate(policy, prompts, cfg: Config, generator, *, n=1, window=(), temperature=None,
              num_steps=None):
-    """Prompt -> Thinking -> Image for n chains per prompt: (thoughts, trajectory, images in [0, 1])."""
+    """Prompt -> Thinking -> Image for n chains per prompt: (thoughts, trajectory, images in [0, 1], later).
+    With cfg.rounds > 1 each later round puts the previous image into the context, samples a reflection and
+    draws again, on the same SDE window: later is one Round per round after the first (else empty)."""
     steps = num_steps or cfg.num_steps
+    temperature = cfg.temperature if temperature is None else temperature
     thoughts, ctx = policy.think(_texts(prompts), n=n,                  # its cache is the denoising context
                                  max_new_tokens=cfg.max_think_tokens if cfg.think else 0,
-                                 temperature=cfg.temperature if temperature is None else temperature,
-                                 generator=generator, with_context=True)
+                                 temperature=temperature, generator=generator, with_context=True)
     R = thoughts.ids.shape[0]
     uctx = policy.context(uncond_thoughts(policy, R)) if cfg.cfg_scale != 1.0 else None
-    N, D = policy.latent_shape(cfg.image_hw)
-    x_1 = sampler.draw((R, N, D), generator, policy.device)
     grid = sampler.timesteps(steps, cfg.shift)
 
-    def velocity_fn(x_t, t):
-        return policy.velocity(x_t, t, ctx, cfg_scale=cfg.cfg_scale, uncond=uctx, image_hw=cfg.image_hw)
+    def draw(ctx):
+        def velocity_fn(x_t, t):
+            return policy.velocity(x_t, t, ctx, cfg_scale=cfg.cfg_scale, uncond=uctx, image_hw=cfg.image_hw)
+        x_1 = sampler.draw((R, *policy.latent_shape(cfg.image_hw)), generator, policy.device)
+        traj = sampler.sample(velocity_fn, x_1, grid, window, cfg.noise_level, generator=generator,
+                              reduce=cfg.logprob_reduce, kind=cfg.sde_kind)
+        return traj, (policy.decode(traj.x_0, cfg.image_hw) * 0.5 + 0.5).clamp(0, 1)
 
-    traj = sampler.sample(velocity_fn, x_1, grid, window, cfg.noise_level, generator=generator,
-                          reduce=cfg.logprob_reduce, kind=cfg.sde_kind)
-    images = (policy.decode(traj.x_0, cfg.image_hw) * 0.5 + 0.5).clamp(0, 1)
-    return thoughts, traj, images
+    traj, images = draw(ctx)
+    later, last = [], images
+    for _ in range(cfg.rounds - 1):
+        seen = policy.seen_image(last, use_vit=cfg.context_vit)
+        reflection, ctx = policy.think_from(policy.context_image(ctx, seen), cfg.max_think_tokens,
+                                            temperature, generator, with_context=True)
+        later.append(Round(seen, reflection, *draw(ctx)))
+        last = later[-1].images
+    return thoughts, traj, images, later
+
+
+def final_images(images, later):
+    """The image a trajectory ends with: the last round's."""
+    return later[-1].images if later else images
 
 
 def _rank() -> int:
@@ -123,26 +170,39 @@ def rollout(policy, prompts, reward_fn, cfg: Config, generator, first_row: int =
     size = cfg.rollout_batch or len(prompts)
     parts = [generate(policy, prompts[i:i + size], cfg, streams[i * G:(i + size) * G], n=G, window=window)
              for i in range(0, len(prompts), size)]
-    thoughts, traj, images = zip(*parts)
+    thoughts, traj, images, later = zip(*parts)
     thoughts, traj, images = Thoughts.cat(thoughts), sampler.Trajectory.cat(traj), torch.cat(images)
+    later = [Round.cat(list(r)) for r in zip(*later)]
     rows = [p for p in prompts for _ in range(G)]
-    rewards = reward_fn(images, rows).float().to(images.device)
-    if not torch.isfinite(rewards).all():
-        raise FloatingPointError(f"the reward model returned non-finite rewards "
-                                 f"({int((~torch.isfinite(rewards)).sum())} of {len(rows)})")
+
+    def score(imgs):
+        r = reward_fn(imgs, rows).float().to(imgs.device)
+        if not torch.isfinite(r).all():
+            raise FloatingPointError(f"the reward model returned non-finite rewards "
+                                     f"({int((~torch.isfinite(r)).sum())} of {len(rows)})")
+        return r
+    rewards = score(final_images(images, later))                 # the terminal reward: the final image only
+    round_rewards = torch.stack([score(images), *(score(r.images) for r in later[:-1]), rewards]) if later else None
     A = losses.group_advantages(all_rows(rewards), G, std=cfg.adv_std, scope=cfg.adv_scope)
     A = losses.clamp_advantages(A, cfg.adv_clip_max)          # once, so text and image actions share it
     mine = _rank() * len(rows)                                 # this rank's rows of the gathered batch
-    return Rollout(rows, thoughts, traj, images, rewards, A[mine:mine + len(rows)], first_row)
+    return Rollout(rows, thoughts, traj, final_images(images, later), rewards, A[mine:mine + len(rows)],
+                   first_row, later, round_rewards)
 
 
 def rollout_stats(ro: Rollout, G: int) -> dict:
     """Reward and reasoning statistics over the rows of every rank."""
     rewards, lengths = all_rows(ro.rewards), all_rows(ro.thoughts.mask.sum(1).float())
     spread = rearrange(rewards, "(b g) -> b g", g=G).std(dim=1)
-    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-            "zero_spread_groups": (spread < 1e-8).float().mean().item(),
-            "reasoning_len": lengths.mean().item()}
+    stats = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+             "zero_spread_groups": (spread < 1e-8).float().mean().item(),
+             "reasoning_len": lengths.mean().item()}
+    if ro.round_rewards is not None:                     # per round, for analysis: the reward reads the last
+        for r, scores in enumerate(ro.round_rewards, start=1):
+            stats[f"reward_round{r}"] = all_rows(scores).mean().item()
+        for r, later in enumerate(ro.later, start=2):
+            stats[f"reflection_len_round{r}"] = all_rows(later.thoughts.mask.sum(1).float()).mean().item()
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------ update
@@ -200,45 +260,45 @@ def window_step(traj: sampler.Trajectory, idx, v, cfg: Config) -> sampler.SDESte
     return sampler.SDEStep(*parts)
 
 
-def _velocities(policy, thoughts, x_t, t, uncond, cfg):
-    # policy(...) is train_forward through __call__, where FSDP's root hooks gather the root's weights
-    out = policy(thoughts, x_t, t, image_hw=cfg.image_hw)
+def turns_of(ro: Rollout, idx) -> list:
+    """The rows idx of a multi-round rollout as policy.Turns: each round's text, its window states, and the
+    image it put into the context (the next round's `seen`), exactly as the rollout used them."""
+    seen = [r.seen.select(idx) for r in ro.later] + [None]
+    return [Turn(th.select(idx), traj.x_t[idx], traj.t, s) for (th, traj), s in zip(ro.rounds(), seen)]
+
+
+def _outputs(policy, ro: Rollout, idx, uncond, cfg) -> list:
+    """Token log-probs and window velocities of rows idx, one TrainOutput per round, from one packed forward.
+    policy(...) is train_forward through __call__, where FSDP's root hooks gather the root's weights."""
+    if ro.later:
+        return policy(turns_of(ro, idx), image_hw=cfg.image_hw)
+    x_t = ro.traj.x_t[idx]
+    out = policy(ro.thoughts.select(idx), x_t, ro.traj.t, image_hw=cfg.image_hw)
     if uncond is not None:
-        v_u = policy(uncond, x_t, t, image_hw=cfg.image_hw).v
+        v_u = policy(uncond.select(idx), x_t, ro.traj.t, image_hw=cfg.image_hw).v
         out = dataclasses.replace(out, v=guided_velocity(out.v, v_u, cfg.cfg_scale))
-    return out
+    return [out]
 
 
 @torch.no_grad()
 def reference_outputs(ref, ro: Rollout, cfg: Config, uncond=None):
-    """theta_ref's token log-probs and window velocities at every row of a rollout, computed once
-    (in micro-batch or minibatch-sized chunks): the reference is frozen, so every epoch and minibatch
-    reads the same numbers. None when the update does not read the reference."""
+    """theta_ref's token log-probs and window velocities at every row of a rollout, one TrainOutput per round,
+    computed once (in micro-batch or minibatch-sized chunks): the reference is frozen, so every epoch and
+    minibatch reads the same numbers. None when the update does not read the reference."""
     if ref is None or not needs_reference(cfg):
         return None
     R = ro.rewards.shape[0]
     size = cfg.micro_batch or R // cfg.minibatches
-    outs = [_velocities(ref, ro.thoughts.select(idx), ro.traj.x_t[idx], ro.traj.t,
-                        uncond.select(idx) if uncond is not None else None, cfg)
-            for idx in torch.arange(R, device=ro.rewards.device).split(size)]
-    return TrainOutput(torch.cat([o.logp for o in outs]), torch.cat([o.v for o in outs]))
+    chunks = [_outputs(ref, ro, idx, uncond, cfg) for idx in torch.arange(R, device=ro.rewards.device).split(size)]
+    return [TrainOutput(torch.cat([c[r].logp for c in chunks]), torch.cat([c[r].v for c in chunks]))
+            for r in range(len(chunks[0]))]
 
 
-def unified_objective(policy, ref_out, ro: Rollout, idx, cfg: Config, uncond=None):
-    """Eq. (7) on one minibatch of rows idx: J_text (Eq. (2)) + lam * J_flow (Eq. (4), Eq. (5),
-    Eq. (6)) + w * reg (Eq. (8)). ref_out: reference_outputs of every row, or None."""
-    th = ro.thoughts.select(idx)
-    A = ro.advantages[idx]
-    traj = ro.traj
-    out = _velocities(policy, th, traj.x_t[idx], traj.t, uncond.select(idx) if uncond else None, cfg)
-    if ref_out is None and cfg.text_kl > 0:
-        raise ValueError("text_kl > 0 needs the frozen reference's outputs (reference_outputs)")
+def round_objective(out, out_ref, th, traj, idx, A, cfg: Config):
+    """Eq. (7) for one round of rows idx: J_text (Eq. (2)) on its text actions + lam * J_flow (Eq. (4),
+    Eq. (5), Eq. (6)) on its window steps + w * reg (Eq. (8)). out_ref: the reference's TrainOutput or None."""
     flow_on, text_on = cfg.train_parts in ("both", "image"), cfg.train_parts in ("both", "text")
-    need_ref = ref_out is not None                        # reference_outputs is None when unread
-    if need_ref:
-        out_ref = TrainOutput(ref_out.logp[idx], ref_out.v[idx])
     stats, zero = {}, out.v.sum() * 0.0
-
     J_text = zero
     if text_on and th.mask.any():
         J_text = losses.text_grpo_loss(out.logp, th.logp, A, th.mask, cfg.clip_text,
@@ -258,9 +318,9 @@ def unified_objective(policy, ref_out, ro: Rollout, idx, cfg: Config, uncond=Non
         stats.update(clip_frac_flow=losses.clip_fraction(r, cfg.clip_flow).item(),
                      approx_kl_flow=losses.approx_kl(log_r.detach()).item(),
                      **{k: float(v) for k, v in losses.ratio_summary(r).items()})
-        if need_ref and cfg.regulariser == "velocity_mse":
+        if out_ref is not None and cfg.regulariser == "velocity_mse":
             reg = losses.velocity_mse(out.v, out_ref.v)                                # Eq. (8)
-        elif need_ref and cfg.regulariser == "latent_kl":
+        elif out_ref is not None and cfg.regulariser == "latent_kl":
             ref_step = window_step(traj, idx, out_ref.v, cfg)
             dt = (traj.t_next - traj.t).repeat(len(idx))                         # row (i, k) -> dt[k]
             reg = losses.latent_kl(_flat(new.mean), _flat(ref_step.mean), _flat(traj.std[idx]), dt)
@@ -268,6 +328,24 @@ def unified_objective(policy, ref_out, ro: Rollout, idx, cfg: Config, uncond=Non
             stats["regulariser"] = reg.item()
     J = losses.unified_loss(J_text, J_flow, reg, lam=cfg.lam, reg_weight=cfg.reg_weight)      # Eq. (7)
     stats.update(loss=J.item(), loss_text=J_text.item(), loss_flow=J_flow.item())
+    return J, stats
+
+
+def unified_objective(policy, ref_out, ro: Rollout, idx, cfg: Config, uncond=None):
+    """Eq. (7) on one minibatch of rows idx, summed over the rounds of a trajectory (round_objective), every
+    round's actions weighted by the trajectory's one advantage. ref_out: reference_outputs of every row, or
+    None. Stats: round 1's, plus each later round's with a suffix _round{r}."""
+    if ref_out is None and cfg.text_kl > 0:
+        raise ValueError("text_kl > 0 needs the frozen reference's outputs (reference_outputs)")
+    A = ro.advantages[idx]
+    outs = _outputs(policy, ro, idx, uncond, cfg)
+    J, stats = None, {}
+    for r, (out, (th, traj)) in enumerate(zip(outs, ro.rounds())):
+        out_ref = None if ref_out is None else TrainOutput(ref_out[r].logp[idx], ref_out[r].v[idx])
+        J_r, s = round_objective(out, out_ref, th.select(idx), traj, idx, A, cfg)
+        J = J_r if J is None else J + J_r
+        stats.update(s if r == 0 else {f"{k}_round{r + 1}": v for k, v in s.items()})
+    stats["loss"] = J.item()
     return J, stats
 
 

@@ -195,6 +195,7 @@ def worker(folder: Path, mode: str):
         dist.all_gather_object(records, {**record, "checksum": total_t.item()})
         if dist.get_rank() == 0:
             print(RESULT + json.dumps(records), flush=True)
+        dist.barrier()                   # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
     else:
         print(RESULT + json.dumps([{**record, "checksum": total}]), flush=True)

@@ -33,6 +33,7 @@ from reward import CATEGORIES  # noqa: E402
 
 PROXY = HERE / "proxy.safetensors"       # experiments/fit_proxy.py writes it
 CURVE = ["--eval_every=10"]              # the held-out curve of the runs that plot it
+REFLECT = ["--sft_reflect=0.5"]          # the multi-round table's SFT base: half its rows train two rounds
 
 # variant: (label, flags). {proxy} is replaced by the proxy reward's file.
 VARIANTS = {
@@ -55,6 +56,9 @@ VARIANTS = {
     "mse_0": ("velocity MSE weight 0 (no regulariser)", ["--regulariser=none"]),
     "mse_1e-3": ("velocity MSE weight 1e-3", ["--reg_weight=1e-3"]),
     "mse_1e-1": ("velocity MSE weight 1e-1", ["--reg_weight=1e-1"]),
+    "reflect_base": ("SFT base with reflection rows (no RL; two-round evaluation)", None),
+    "rounds1_time": ("UniGRPO, one round, as long as the two-round run", None),  # steps from rounds2's time
+    "rounds2": ("**UniGRPO, two rounds** (think, image, reflect, image)", [*CURVE, *REFLECT, "--rounds=2"]),
 }
 TABLES = {  # name: (title, variants)
     "table1": ("Table 1 analogue", ["sft_base", "sft_more", "text_only", "flow_only", "flow_no_think",
@@ -64,7 +68,11 @@ TABLES = {  # name: (title, variants)
                                                                           "proxy_mse"]),
     "ablations": ("Ablations", ["unigrpo", "no_rationorm", "window_1", "window_5", "group_4", "group_16",
                                 "mse_0", "mse_1e-3", "mse_1e-1"]),
+    "rounds": ("Multi-round UniGRPO: two rounds against one at equal wall-clock", ["reflect_base", "rounds1_time",
+                                                                               "rounds2"]),
 }
+WAITS = {"sft_more": "unigrpo", "rounds1_time": "rounds2"}     # variant: the run whose time it matches
+BASES = {"sft_base": "unigrpo", "reflect_base": "rounds2"}     # variant: the run whose 'before' it shows
 # The experiment scale: every run of every table, so that a row costs ~2 min on 2 cores. A shorter SFT
 # than the --toy preset's (plans wrong 30 % of the time, images faithful to their plan: the image expert
 # learns to follow plans sooner), an unconditional branch for CFG (Fig. 4), RL of 40 steps at twice the
@@ -82,14 +90,31 @@ MEASURES = ("ta", "accuracy", "plan_validity", "plan_following", "background_noi
 # ------------------------------------------------------------------------------------------------ runs
 def run_flags(variant: str, seed: int, args, raw: Path) -> list[str] | None:
     """The train.py flags of a variant (None: it needs no run of its own, or waits for another)."""
-    if variant == "sft_base":
+    if variant in BASES:
         return None
-    if variant == "sft_more":
-        base = _load(raw, "unigrpo", seed)
+    if variant in WAITS:
+        base = _load(raw, WAITS[variant], seed)
         if base is None:
             return None
-        return [f"--sft_steps={base['sft_steps'] + sft_more_steps(base)}", "--rl_steps=0"]
+        if variant == "sft_more":
+            return [f"--sft_steps={base['sft_steps'] + sft_more_steps(base)}", "--rl_steps=0"]
+        # a one-round step's time: this variant's earlier run (the same base, flags and side-by-side
+        # condition) where there is one, else the seed's unigrpo run
+        one = _load(raw, variant, seed) or _load(raw, "unigrpo", seed)
+        if one is None:
+            raise SystemExit(f"error: rounds1_time-s{seed} needs unigrpo-s{seed} (its step time): run table1")
+        return [*CURVE, *REFLECT, f"--rl_steps={equal_time_steps(base, one)}"]
     return [f.format(proxy=args.proxy) for f in VARIANTS[variant][1]]
+
+
+def _rl_seconds(record: dict) -> float:
+    """Seconds of a run's RL steps (evaluations not counted), brought to one run alone on the two cores."""
+    return sum(p["step_time"] for p in record["curve"]) / (SIDE_BY_SIDE if record["side_by_side"] else 1)
+
+
+def equal_time_steps(base: dict, one: dict) -> int:
+    """One-round RL steps that take as long as the `base` run's RL steps (one: a one-round run's record)."""
+    return max(1, round(_rl_seconds(base) / (_rl_seconds(one) / len(one["curve"]))))
 
 
 SIDE_BY_SIDE = 2.04   # measured: an SFT step takes 0.96 s on one thread beside another run, 0.47 s on two alone
@@ -98,7 +123,7 @@ SIDE_BY_SIDE = 2.04   # measured: an SFT step takes 0.96 s on one thread beside 
 def sft_more_steps(base: dict) -> int:
     """SFT steps that take as long as the unigrpo run's RL steps (their step_time summed, evaluations not
     counted), both times brought to one run alone on the two cores (SIDE_BY_SIDE)."""
-    rl = sum(p["step_time"] for p in base["curve"]) / (SIDE_BY_SIDE if base["side_by_side"] else 1)
+    rl = _rl_seconds(base)
     sft = base["sft_step_seconds"] / (SIDE_BY_SIDE if base["sft_side_by_side"] else 1)
     return round(rl / sft)
 
@@ -167,10 +192,10 @@ def run_all(variants: list[str], args, raw: Path):
     seed's SFT base into the cache), then the rest, then the runs that wait for others (sft_more)."""
     raw.mkdir(parents=True, exist_ok=True)
     todo = [(v, s) for v in variants for s in args.seeds
-            if v != "sft_base" and (args.rerun or _load(raw, v, s) is None)]
-    first = list({s: (v, s) for v, s in reversed(todo) if v != "sft_more"}.values())
-    later = [t for t in todo if t not in first and t[0] != "sft_more"]
-    waits = [t for t in todo if t[0] == "sft_more"]
+            if v not in BASES and (args.rerun or _load(raw, v, s) is None)]
+    first = list({s: (v, s) for v, s in reversed(todo) if v not in WAITS}.values())
+    later = [t for t in todo if t not in first and t[0] not in WAITS]
+    waits = [t for t in todo if t[0] in WAITS]
     for batch in (first, later, waits):
         args.side_by_side = args.jobs > 1 and len(batch) > 1     # one thread each when runs share the cores
         with ThreadPoolExecutor(args.jobs) as pool:
@@ -183,11 +208,11 @@ def run_all(variants: list[str], args, raw: Path):
 def stage_of(record: dict, variant: str) -> dict:
     """The held-out numbers a variant's row shows: the SFT base ('before') or the state after RL."""
     s = record["summary"]
-    return s["before"] if variant in ("sft_base", "sft_more") else s["after"]
+    return s["before"] if variant in ("sft_base", "sft_more", "reflect_base") else s["after"]
 
 
 def records(raw: Path, variant: str, seeds) -> list[dict]:
-    source = "unigrpo" if variant == "sft_base" else variant
+    source = BASES.get(variant, variant)
     found = [_load(raw, source, s) for s in seeds]
     return [r for r in found if r is not None]
 
@@ -202,17 +227,20 @@ def mean_std(values: list[float], digits: int = 3) -> str:
 
 def table(name: str, raw: Path, seeds) -> str:
     """The markdown of one table: a row per variant, mean ± std over the seeds found."""
-    head = ["run", "seeds", "TA", "accuracy", "plan validity", "plan following", "background",
+    head = ["run", "seeds", "base TA", "TA", "accuracy", "plan validity", "plan following", "background",
             *[c.replace("_", " ") for c in CATEGORIES]]
     extra = {"fig4": ["TA with CFG 3 at evaluation"], "fig5": ["proxy reward (last 10 steps)",
-                                                              "verifier on rollouts (last 10)"]}.get(name, [])
-    lines = ["| " + " | ".join(head[:7] + extra + head[7:]) + " |", "|---" * (len(head) + len(extra)) + "|"]
+                                                              "verifier on rollouts (last 10)"],
+             "rounds": ["RL steps", "TA round 1", "TA round 2", "accuracy round 1", "accuracy round 2"]
+             }.get(name, [])
+    lines = ["| " + " | ".join(head[:8] + extra + head[8:]) + " |", "|---" * (len(head) + len(extra)) + "|"]
     for v in TABLES[name][1]:
         recs = records(raw, v, seeds)
         base = _load(raw, "unigrpo", recs[0]["seed"]) if v == "sft_more" and recs else None
         label = VARIANTS[v][0] + (f" (+{recs[0]['sft_steps'] - base['sft_steps']} steps)" if base else "")
         stages = [stage_of(r, v) for r in recs]
-        cells = [mean_std([s[k] for s in stages]) for k in MEASURES]
+        cells = [mean_std([r["summary"]["before"]["ta"] for r in recs]),     # each run's own SFT base
+                 *(mean_std([s[k] for s in stages]) for k in MEASURES)]
         if name == "fig4":
             cells.append(mean_std([r["summary"]["by_cfg"]["after"]["3"]["ta"] for r in recs
                                    if "3" in r["summary"].get("by_cfg", {}).get("after", {})]))
@@ -220,6 +248,13 @@ def table(name: str, raw: Path, seeds) -> str:
             for key in ("reward_mean", "verifier_mean"):
                 cells.append(mean_std([statistics.mean(p[key] for p in r["curve"][-10:]) for r in recs
                                        if r["curve"] and key in r["curve"][-1]]))
+        if name == "rounds":
+            steps = sorted({len(r["curve"]) for r in recs}) if v != "reflect_base" else [0]
+            cells.append("/".join(map(str, steps)) or "—")
+            for k in ("ta", "accuracy"):
+                for r in (1, 2):
+                    cells.append(mean_std([s[f"round{r}/{k}"] for s in stages if f"round{r}/{k}" in s])
+                                 if r == 2 or v != "rounds1_time" else mean_std([s[k] for s in stages]))
         cats = [mean_std([s[f"accuracy/{c}"] for s in stages], 2) for c in CATEGORIES]
         lines.append("| " + " | ".join([label, str(len(recs)), *cells, *cats]) + " |")
     return "\n".join(lines)
@@ -236,21 +271,21 @@ def plot(name: str, raw: Path, seeds, plots: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     drawn = False
     for v in TABLES[name][1]:
-        recs = [r for r in records(raw, v, seeds) if r["curve"] and v not in ("sft_base", "sft_more")]
+        recs = [r for r in records(raw, v, seeds) if r["curve"] and v not in (*BASES, "sft_more")]
         for ax, (key, title) in zip(axes, keys):
-            runs = [[(p["step"] + 1, p[key]) for p in r["curve"] if key in p] for r in recs]
+            runs = [[(x, p[key]) for x, p in zip(_x_axis(name, r["curve"]), r["curve"]) if key in p] for r in recs]
             runs = [r for r in runs if r]
             if not runs:
                 continue
             n = min(map(len, runs))
-            xs = [x for x, _ in runs[0][:n]]
+            xs = [statistics.mean(col) for col in zip(*([x for x, _ in r[:n]] for r in runs))]
             ys = [[y for _, y in r[:n]] for r in runs]
             mean = [statistics.mean(col) for col in zip(*ys)]
             line, = ax.plot(xs, mean, lw=1.5, label=VARIANTS[v][0].replace("**", ""))
             ax.fill_between(xs, [min(c) for c in zip(*ys)], [max(c) for c in zip(*ys)], alpha=0.2,
                             color=line.get_color())
             ax.set_title(title)
-            ax.set_xlabel("RL step")
+            ax.set_xlabel("seconds of RL steps (mean over seeds)" if name == "rounds" else "RL step")
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -262,6 +297,17 @@ def plot(name: str, raw: Path, seeds, plots: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _x_axis(name: str, curve: list) -> list:
+    """A curve's x values: the RL step, or for the rounds table (equal wall-clock) the summed step time."""
+    if name != "rounds":
+        return [p["step"] + 1 for p in curve]
+    total, xs = 0.0, []
+    for p in curve:
+        total += p["step_time"]
+        xs.append(total)
+    return xs
 
 
 def write_report(names: list[str], raw: Path, seeds, results_md: Path, plots: Path):

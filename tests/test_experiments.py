@@ -140,6 +140,30 @@ def test_results_script_runs_a_table_and_writes_it(tmp_path, proxy_file):
     assert {p: p.stat().st_mtime for p in (tmp_path / "raw").iterdir()} == stamp      # reused
 
 
+def test_results_script_runs_the_multi_round_table(tmp_path):
+    """The rounds table at quick size: the two-round run, then the one-round run given as many RL steps as take
+    the two-round run's time, on the same SFT base with reflection rows; the table shows both rounds."""
+    md = tmp_path / "RESULTS.md"
+    md.write_text("<!-- results:rounds --><!-- /results:rounds -->\n")
+    args = ["table1", "rounds", "--quick", "--seeds=0", "--jobs=2", "--only=unigrpo,rounds2,rounds1_time",
+            f"--out_dir={tmp_path / 'runs'}", f"--raw={tmp_path / 'raw'}", f"--results_md={md}",
+            f"--plots={tmp_path / 'plots'}"]
+    md.write_text(md.read_text() + "<!-- results:table1 --><!-- /results:table1 -->\n")
+    out = subprocess.run([sys.executable, "experiments/results.py", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    load = {v: json.loads((tmp_path / "raw" / f"{v}-s0.json").read_text()) for v in ("unigrpo", "rounds2",
+                                                                                      "rounds1_time")}
+    two, one = load["rounds2"], load["rounds1_time"]
+    assert "--rounds=2" in two["flags"] and "--sft_reflect=0.5" in one["flags"]
+    assert len(one["curve"]) == results.equal_time_steps(two, load["unigrpo"])
+    assert two["summary"]["before"]["round1/ta"] >= 0 and "round2/ta" in two["summary"]["after"]
+    text = md.read_text()
+    block = text[text.index("<!-- results:rounds -->"):text.index("<!-- /results:rounds -->")]
+    assert "TA round 2" in block and len([x for x in block.splitlines() if x.startswith("| ")]) == 1 + 3
+    assert (tmp_path / "plots" / "rounds.png").stat().st_size > 0
+
+
 def test_results_script_refuses_bad_input_before_any_run(tmp_path):
     for argv, message in ((["tableX"], "unknown table"), (["--seeds=a"], "expected integers"),
                           (["fig5", f"--proxy={tmp_path}/none"], "fit_proxy.py"),

@@ -14,37 +14,16 @@ from safetensors.torch import load_file
 
 import checkpoint
 import model as M
+from _parity import close as _close, exact as _exact, fixtures_of
 from policy import Thoughts, text_rows
 
 FIX = Path(__file__).parent / "fixtures" / "bagel"
-TOL = dict(atol=1e-4, rtol=1e-4)
 
-
-@pytest.fixture(scope="module")
-def meta():
-    return json.loads((FIX / "meta.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def policy(id_tokenizer):
-    torch.set_num_threads(1)
-    return checkpoint.from_pretrained(FIX / "model", dtype=torch.float32, tokenizer=id_tokenizer,
-                                      think_system_prompt=None).eval()
+meta, policy = fixtures_of(FIX)
 
 
 def _load(name):
     return load_file(str(FIX / name))
-
-
-def _close(actual, expected, what):
-    assert actual.shape == expected.shape, (f"{what}: shape {tuple(actual.shape)} vs "
-                                            f"{tuple(expected.shape)}")
-    torch.testing.assert_close(actual.float(), expected.float(), **TOL,
-                               msg=lambda m: f"{what}: {m}")
-
-
-def _exact(actual, expected, what):
-    assert actual.tolist() == expected.tolist(), f"{what}: {actual.tolist()} vs {expected.tolist()}"
 
 
 def _prompt(meta):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import checkpoint
+from _parity import load_fixture_policy
 import model as M
 from policy import Policy
 import toy_policy
@@ -44,9 +45,7 @@ def small_toy(tok, hook, randomize, seed):
 
 @pytest.fixture(scope="module")
 def golden(id_tokenizer):
-    torch.set_num_threads(1)
-    return checkpoint.from_pretrained(FIX / "model", dtype=torch.float32, tokenizer=id_tokenizer,
-                                      think_system_prompt=None).eval()
+    return load_fixture_policy(FIX / "model", id_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -195,7 +195,7 @@ def test_reference_outputs_once_per_rollout_equal_the_per_minibatch_ones(policy,
     cfg = small_cfg(ppo_epochs=2, minibatches=2, text_kl=0.1)
     ro = _ramp_rollout(policy, cfg)
     ref = unigrpo.reference_policy(lambda: reference_of(policy))
-    out = unigrpo.reference_outputs(ref, ro, cfg)
+    out, = unigrpo.reference_outputs(ref, ro, cfg)                  # one TrainOutput per round
     for idx in (torch.tensor([6, 1, 3]), torch.arange(8)):
         with torch.no_grad():
             direct = ref.train_forward(ro.thoughts.select(idx), ro.traj.x_t[idx], ro.traj.t)
