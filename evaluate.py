@@ -67,11 +67,21 @@ def evaluate_prompts(policy, prompts, scorer, cfg, cfg_scale: float = 1.0, sampl
     rounds > 1 also every round's overall scores (round{r}/<measure>)."""
     rounds = []
     rows, texts, images = generate_eval(policy, prompts, cfg, cfg_scale, samples, by_round=rounds)
-    result = reward.summarize(score(scorer, images, rows), rows)
-    for r, (_, x) in enumerate(rounds if len(rounds) > 1 else [], start=1):
-        result.update({f"round{r}/{k}": v for k, v in reward.summarize(score(scorer, x, rows), rows).items()
-                       if "/" not in k})
-    return result, rows, texts, images
+
+    def measures(texts, images):
+        return reward.summarize(score(scorer, images, rows), rows)
+    return _with_rounds(measures(texts, images), rounds, measures), rows, texts, images
+
+
+def _with_rounds(result: dict, rounds: list, measures) -> dict:
+    """result (the final round's) plus, with several rounds, every round's overall numbers as
+    round{r}/<measure>; measures(texts, images) -> dict, called for the rounds before the last."""
+    if len(rounds) < 2:
+        return result
+    overall = {f"round{len(rounds)}/{k}": v for k, v in result.items() if "/" not in k}
+    for r, (texts, images) in enumerate(rounds[:-1], start=1):
+        result.update({f"round{r}/{k}": v for k, v in measures(texts, images).items() if "/" not in k})
+    return {**result, **overall}
 
 
 @torch.no_grad()
@@ -90,11 +100,7 @@ def evaluate(policy, cfg, n_per_category: int, cfg_scale: float = 1.0):
         result["background_noise"] = background_noise(images)
         return result
 
-    result = measures(texts, images)                      # the final round's image and plan
-    if len(rounds) > 1:                                   # and every round's, round{r}/<measure>
-        for r, (t, x) in enumerate(rounds, start=1):
-            result.update({f"round{r}/{k}": v for k, v in measures(t, x).items() if "/" not in k})
-    return result, prompts, texts, images
+    return _with_rounds(measures(texts, images), rounds, measures), prompts, texts, images
 
 
 def curve_point(policy, cfg, prompts=None, scorer=None) -> dict:

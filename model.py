@@ -227,11 +227,17 @@ def visible(mask: torch.Tensor) -> torch.Tensor:
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
+def block_is_gen(N: int, device=None) -> torch.Tensor:
+    """(N+2,) bool of one image block [vision_start, N latents, vision_end]: the latents use the
+    generation expert, the two markers the understanding expert."""
+    col = torch.arange(N + 2, device=device)
+    return (col > 0) & (col <= N)
+
+
 def block_layout(rope_next: torch.Tensor, K: int, N: int):
     """K image blocks [vision_start, N latents, vision_end] per row: is_gen (R, K*(N+2)) and position
     ids (every token at rope_next: a noisy image does not advance the RoPE counter)."""
-    col = torch.arange(N + 2, device=rope_next.device)
-    is_gen = ((col > 0) & (col <= N)).repeat(K).expand(rope_next.shape[0], -1)
+    is_gen = block_is_gen(N, rope_next.device).repeat(K).expand(rope_next.shape[0], -1)
     return is_gen, rope_next[:, None].expand(-1, K * (N + 2))
 
 

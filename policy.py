@@ -50,7 +50,7 @@ from torch.nn import functional as F
 import lora
 import sampler
 import vit
-from model import (BagelConfig, BagelMoT, block_layout, check_tokenizer, guided_velocity,
+from model import (BagelConfig, BagelMoT, block_is_gen, check_tokenizer, guided_velocity,
                    interleaved_layout, packed_blocks, packed_layout, pad_rows, patchify, unpatchify, visible)
 
 
@@ -112,6 +112,13 @@ class ContextImage:
     def select(self, idx) -> ContextImage:
         return ContextImage(*(None if x is None else x[idx] for x in (self.latents, self.vit_pixels)),
                             self.image_hw)
+
+    @staticmethod
+    def cat(parts: list[ContextImage]) -> ContextImage:
+        """Rows of several ContextImages of one image size."""
+        def rows(name):
+            return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+        return ContextImage(rows("latents"), rows("vit_pixels"), parts[0].image_hw)
 
 
 @dataclass
@@ -311,25 +318,22 @@ class Policy(nn.Module):
     def image_parts(self, image: ContextImage) -> list:
         """The cache updates of an image in the context, in Bagel's order (VAE, then ViT): for each,
         (input embeddings (R, n, H), is_gen (n,)); the markers are plain text embeddings."""
-        c, parts = self.cfg, []
+        parts = []
         if image.latents is None and image.vit_pixels is None:
             raise ValueError("ContextImage holds neither latents (VAE update) nor vit_pixels (ViT update)")
         if image.latents is not None:
-            h, w = _check_latents(c, image.latents, image.image_hw, 3)
+            h, w = _check_latents(self.cfg, image.latents, image.image_hw, 3)
             R, N = image.latents.shape[:2]
             t0 = torch.zeros(R, 1, device=self.device)              # a clean context image: t = 0
             parts.append((_blocks(self.model, image.latents[:, None].to(self.device), t0, h, w),
-                          block_layout(t0[:, 0].long(), 1, N)[0][0]))
+                          block_is_gen(N, self.device)))
         if image.vit_pixels is not None:
             px = image.vit_pixels
             if px.ndim != 4 or px.shape[1] != 3:
                 raise ValueError(f"ContextImage.vit_pixels must be (R, 3, H, W), got {tuple(px.shape)}")
             tok = self.model.embed_vit(px.to(self.device))
-            R, n = tok.shape[:2]
-            marks = [self.model.embed_text(torch.full((R, 1), i, dtype=torch.long, device=self.device))
-                     for i in (c.vision_start_id, c.vision_end_id)]
-            parts.append((torch.cat([marks[0], tok.to(marks[0].dtype), marks[1]], 1),
-                          torch.zeros(n + 2, dtype=torch.bool, device=self.device)))
+            parts.append((_with_markers(self.model, tok),
+                          torch.zeros(tok.shape[1] + 2, dtype=torch.bool, device=self.device)))
         return parts
 
     def seen_image(self, images: torch.Tensor, use_vit: bool = True) -> ContextImage:
@@ -391,7 +395,7 @@ class Policy(nn.Module):
         t = _as_times(t, (R,), self.device)
         block = _blocks(self.model, x_t[:, None], t[:, None], h, w)
 
-        is_gen = block_layout(t[:1].long(), 1, N)[0][0]
+        is_gen = block_is_gen(N, self.device)
 
         def v_of(ctx):
             hid, _ = self._image_pass(block, is_gen, ctx)
@@ -420,8 +424,7 @@ class Policy(nn.Module):
         emb = torch.cat([self.text_embeddings(ids, valid)[0], _blocks(self.model, x_t, t, h, w)], 1)
         pad = F.pad(~valid, (0, is_gen.shape[1] - Lt))                # no expert computes padding
         hid, _ = self.model(emb, is_gen, pos, mask, skip=pad)
-        cols = (starts[:, None] + torch.arange(T, device=self.device)).clamp(max=max(Lt - 1, 0))
-        logits = self.model.logits(hid.gather(1, cols[..., None].expand(-1, -1, hid.shape[-1])))
+        logits = self._text_logits(hid, 0, Lt, starts, T)
         lat = hid[:, Lt:].unflatten(1, (K, N + 2))[:, :, 1:-1]       # (R, K, N, H); K = 0: text only
         return logits, self.model.head(lat, x_t, t)
 
@@ -430,8 +433,13 @@ class Policy(nn.Module):
         forward, with gradients into both experts (flow gradients reach the text expert through
         attention)."""
         logits, v = self.packed_forward(thoughts, x_t, t, image_hw)
-        logp = torch.log_softmax(logits.float(), -1).gather(2, thoughts.ids[..., None]).squeeze(2)
-        return TrainOutput(logp * thoughts.mask, v)
+        return TrainOutput(_token_logp(logits, thoughts), v)
+
+    def _text_logits(self, hid, first: int, n: int, starts, T: int):
+        """Logits (R, T, V) of a text part's T reasoning tokens from the packed hiddens hid: the part spans
+        columns first..first+n-1 and row j of token j is read at its im_start (starts) + j."""
+        cols = (first + starts[:, None] + torch.arange(T, device=hid.device)).clamp(max=first + max(n - 1, 0))
+        return self.model.logits(hid.gather(1, cols[..., None].expand(-1, -1, hid.shape[-1])))
 
     def train_forward_turns(self, turns: list[Turn], image_hw=None) -> list[TrainOutput]:
         """train_forward over an interleaved trajectory, one packed forward (model.interleaved_layout):
@@ -453,10 +461,9 @@ class Policy(nn.Module):
             embs.append(e)
             K, N = turn.x_t.shape[1:3]
             t = _as_times(turn.t, (R, K), dev)
-            reads.append((L, ids.shape[1], starts, L + ids.shape[1], K, N, t))
+            reads.append((L, ids.shape[1], starts, K, N, t))
             L += ids.shape[1] + K * (N + 2)
-            gen = block_layout(starts[:1], 1, N)[0][0]
-            parts += [("noisy", gen, None)] * K
+            parts += [("noisy", block_is_gen(N, dev), None)] * K
             embs.append(_blocks(self.model, turn.x_t, t, h, w))
             for emb, is_gen in self.image_parts(turn.seen) if turn.seen is not None else ():
                 parts.append(("image", is_gen, None))
@@ -465,13 +472,10 @@ class Policy(nn.Module):
         is_gen, pos, mask, valid = interleaved_layout(parts, R, dev)
         hid, _ = self.model(torch.cat(embs, 1), is_gen, pos, mask, skip=~valid)
         outs = []
-        for turn, (t0, n, starts, b0, K, N, t) in zip(turns, reads):
-            T = turn.thoughts.ids.shape[1]
-            cols = (t0 + starts[:, None] + torch.arange(T, device=dev)).clamp(max=t0 + max(n - 1, 0))
-            logits = self.model.logits(hid.gather(1, cols[..., None].expand(-1, -1, hid.shape[-1])))
-            logp = torch.log_softmax(logits.float(), -1).gather(2, turn.thoughts.ids[..., None]).squeeze(2)
-            lat = hid[:, b0:b0 + K * (N + 2)].unflatten(1, (K, N + 2))[:, :, 1:-1]
-            outs.append(TrainOutput(logp * turn.thoughts.mask, self.model.head(lat, turn.x_t, t)))
+        for turn, (first, n, starts, K, N, t) in zip(turns, reads):
+            logits = self._text_logits(hid, first, n, starts, turn.thoughts.ids.shape[1])
+            lat = hid[:, first + n:first + n + K * (N + 2)].unflatten(1, (K, N + 2))[:, :, 1:-1]
+            outs.append(TrainOutput(_token_logp(logits, turn.thoughts), self.model.head(lat, turn.x_t, t)))
         return outs
 
     def forward(self, thoughts, x_t=None, t=None, image_hw=None):
@@ -564,15 +568,23 @@ def text_rows(cfg: BagelConfig, th: Thoughts, device):
     return ids, valid, torch.tensor(starts, device=device)
 
 
+def _token_logp(logits, th: Thoughts) -> torch.Tensor:
+    """(R, T) temperature-1 log-probs of th's reasoning tokens under logits (R, T, V), 0 where masked."""
+    return torch.log_softmax(logits.float(), -1).gather(2, th.ids[..., None]).squeeze(2) * th.mask
+
+
+def _with_markers(model: BagelMoT, tokens):
+    """[vision_start, tokens, vision_end]: image token embeddings (..., n, H) between the markers' plain
+    text embeddings -> (..., n+2, H)."""
+    marks = [model.embed_text(torch.full((*tokens.shape[:-2], 1), i, dtype=torch.long, device=tokens.device))
+             for i in (model.cfg.vision_start_id, model.cfg.vision_end_id)]
+    return torch.cat([marks[0], tokens.to(marks[0].dtype), marks[1]], -2)
+
+
 def _blocks(model: BagelMoT, x_t, t, h, w):
     """[vision_start, latents, vision_end] embeddings of x_t (R, K, N, D) at t (R, K):
     (R, K*(N+2), H)."""
-    R, K = x_t.shape[:2]
-    marks = [torch.full((R, K, 1), i, dtype=torch.long, device=x_t.device)
-             for i in (model.cfg.vision_start_id, model.cfg.vision_end_id)]
-    lat = model.embed_latents(x_t, t, h, w)
-    seq = torch.cat([model.embed_text(marks[0]), lat, model.embed_text(marks[1])], 2)
-    return rearrange(seq, "r k n h -> r (k n) h")
+    return rearrange(_with_markers(model, model.embed_latents(x_t, t, h, w)), "r k n h -> r (k n) h")
 
 
 def _check_latents(cfg: BagelConfig, x_t, image_hw, ndim):

@@ -67,11 +67,8 @@ class Round:
 
     @staticmethod
     def cat(parts: list[Round]) -> Round:
-        seen = [p.seen for p in parts]
-        return Round(ContextImage(*(None if getattr(seen[0], k) is None else torch.cat([getattr(x, k) for x in seen])
-                                    for k in ("latents", "vit_pixels")), seen[0].image_hw),
-                     Thoughts.cat([p.thoughts for p in parts]), sampler.Trajectory.cat([p.traj for p in parts]),
-                     torch.cat([p.images for p in parts]))
+        return Round(ContextImage.cat([p.seen for p in parts]), Thoughts.cat([p.thoughts for p in parts]),
+                     sampler.Trajectory.cat([p.traj for p in parts]), torch.cat([p.images for p in parts]))
 
 
 @dataclass
@@ -268,8 +265,9 @@ def turns_of(ro: Rollout, idx) -> list:
 
 
 def _outputs(policy, ro: Rollout, idx, uncond, cfg) -> list:
-    """Token log-probs and window velocities of rows idx, one TrainOutput per round, from one packed forward.
-    policy(...) is train_forward through __call__, where FSDP's root hooks gather the root's weights."""
+    """Token log-probs and window velocities of rows idx, one TrainOutput per round, from one packed forward
+    (a second one for CFG's unconditional branch). policy(...) is train_forward through __call__, where FSDP's
+    root hooks gather the root's weights."""
     if ro.later:
         return policy(turns_of(ro, idx), image_hw=cfg.image_hw)
     x_t = ro.traj.x_t[idx]

@@ -252,9 +252,9 @@ def table(name: str, raw: Path, seeds) -> str:
             steps = sorted({len(r["curve"]) for r in recs}) if v != "reflect_base" else [0]
             cells.append("/".join(map(str, steps)) or "—")
             for k in ("ta", "accuracy"):
-                for r in (1, 2):
-                    cells.append(mean_std([s[f"round{r}/{k}"] for s in stages if f"round{r}/{k}" in s])
-                                 if r == 2 or v != "rounds1_time" else mean_std([s[k] for s in stages]))
+                for r in (1, 2):                 # a one-round run's round 1 is its only round
+                    key = k if (v, r) == ("rounds1_time", 1) else f"round{r}/{k}"
+                    cells.append(mean_std([s[key] for s in stages if key in s]))
         cats = [mean_std([s[f"accuracy/{c}"] for s in stages], 2) for c in CATEGORIES]
         lines.append("| " + " | ".join([label, str(len(recs)), *cells, *cats]) + " |")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -69,7 +70,7 @@ def test_preprocessing(meta):
                     for k in ("vae_transform", "vit_transform"))
     assert vit.resize_hw(*raw.shape[:2], *vae_t) == tuple(meta["vae_image_hw"])
     resized = vit.resize(raw.numpy(), *vae_t)                       # what update_context_image receives
-    _exact(torch.from_numpy(__import__("numpy").asarray(resized)), inp["image_vae_resized_uint8"],
+    _exact(torch.from_numpy(np.asarray(resized)), inp["image_vae_resized_uint8"],
            "image_vae_resized_uint8")
     assert vit.resize_hw(*meta["vae_image_hw"], *vit_t) == tuple(meta["vit_image_hw"])
     _close(vit.preprocess(resized, *vae_t), inp["vae_pixels"], "vae_pixels")
