@@ -368,6 +368,7 @@ class Router:
         gen = torch.zeros(skip.numel(), dtype=torch.bool, device=skip.device) if gen is None else gen
         keep = ~skip.reshape(-1) if self.skips else torch.ones_like(gen)
         self.und, self.gen = (~gen & keep).nonzero()[:, 0], (gen & keep).nonzero()[:, 0]
+        self.skipped = (~keep).nonzero()[:, 0]
 
     def __call__(self, x, f_und, f_gen):
         if self.mode != "mixed":
@@ -375,8 +376,8 @@ class Router:
         flat = x.reshape(-1, *x.shape[2:])
         y_und, y_gen = f_und(flat.index_select(0, self.und)), f_gen(flat.index_select(0, self.gen))
         shape = (flat.shape[0],) + y_und.shape[1:]
-        y = y_und.new_zeros(shape) if self.skips else y_und.new_empty(shape)
-        y = y.index_copy(0, self.und, y_und).index_copy(0, self.gen, y_gen)
+        y = y_und.new_empty(shape)                   # filled in place: no zeroing or copies of the whole
+        y.index_copy_(0, self.und, y_und).index_copy_(0, self.gen, y_gen).index_fill_(0, self.skipped, 0)
         return y.reshape(*x.shape[:2], *y.shape[1:])
 
 

@@ -41,7 +41,8 @@ def main(argv):
     def probe(step, seconds):
         result = evaluate.evaluate(policy, cfg, a.probe_size)[0]
         points.append(("SFT", step, seconds, result["ta"], result["accuracy"]))
-        print(f"SFT step {step}: {seconds:.0f} s, held-out TA {result['ta']:.3f}", flush=True)
+        print(f"SFT step {step}: {seconds:.0f} s, held-out TA {result['ta']:.3f}, plan validity "
+              f"{result['plan_validity']:.3f}, plan following {result['plan_following']:.3f}", flush=True)
 
     torch.manual_seed(cfg.seed)
     policy = toy_policy.build_policy(cfg.seed, cfg.device)

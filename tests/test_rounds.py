@@ -111,7 +111,9 @@ def test_two_round_update_trains_both_rounds(policy, two_rounds, randomize):
 
 def test_rounds_1_reproduces_the_one_round_version():
     """A rollout and one update at rounds=1 give the numbers the code had before multi-round existed
-    (tests/fixtures/rounds1, written by the previous version with the same script)."""
+    (tests/fixtures/rounds1, written by the previous version with the same script). Bit-identical on the CPU
+    that wrote it; the bounds are for another CPU's fp32 rounding (measured up to 1.5e-6 relative on a stat
+    after the optimizer step), far below what any change of the computation moves."""
     from conftest import randomize_weights
     want = json.loads((FIX / "update_before_multiround.json").read_text())
     cfg = small_cfg(lr_reasoning=1e-3, lr_denoising=1e-3, clip_flow=0.2, reg_weight=0.1)
@@ -124,11 +126,11 @@ def test_rounds_1_reproduces_the_one_round_version():
     stats = unigrpo.update(pol, ref, unigrpo.make_optimizer(pol, cfg), ro, cfg, g)
     assert ro.thoughts.ids.tolist() == want["ids"]
     assert sorted(stats) == sorted(want["stats"])
-    for k, v in want["stats"].items():
-        assert stats[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
-    assert ro.traj.x_0.double().sum().item() == pytest.approx(want["x_0"], rel=1e-7)
-    assert ro.thoughts.logp.double().sum().item() == pytest.approx(want["logp"], rel=1e-7)
-    assert sum(p.double().sum().item() for p in pol.parameters()) == pytest.approx(want["weights"], rel=1e-9)
+    for k, v in want["stats"].items():       # after an optimizer step: fp32 rounding differs between CPUs
+        assert stats[k] == pytest.approx(v, rel=1e-5, abs=1e-8), k
+    assert ro.traj.x_0.double().sum().item() == pytest.approx(want["x_0"], rel=1e-6)
+    assert ro.thoughts.logp.double().sum().item() == pytest.approx(want["logp"], rel=1e-6)
+    assert sum(p.double().sum().item() for p in pol.parameters()) == pytest.approx(want["weights"], rel=1e-7)
 
 
 def test_bad_multi_round_input_is_named(policy):
