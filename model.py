@@ -359,14 +359,14 @@ class Router:
 
     def __init__(self, is_gen: torch.Tensor | None, skip: torch.Tensor | None = None):
         gen = None if is_gen is None else is_gen.reshape(-1)
-        self.skips = skip is not None and bool(skip.any())
+        skips = skip is not None and bool(skip.any())
         n_gen = 0 if gen is None else int(gen.sum())
-        if not self.skips and (n_gen == 0 or n_gen == gen.numel()):
+        if not skips and (n_gen == 0 or n_gen == gen.numel()):
             self.mode = "und" if n_gen == 0 else "gen"
             return
         self.mode = "mixed"
         gen = torch.zeros(skip.numel(), dtype=torch.bool, device=skip.device) if gen is None else gen
-        keep = ~skip.reshape(-1) if self.skips else torch.ones_like(gen)
+        keep = ~skip.reshape(-1) if skips else torch.ones_like(gen)
         self.und, self.gen = (~gen & keep).nonzero()[:, 0], (gen & keep).nonzero()[:, 0]
         self.skipped = (~keep).nonzero()[:, 0]
 
@@ -376,7 +376,7 @@ class Router:
         flat = x.reshape(-1, *x.shape[2:])
         y_und, y_gen = f_und(flat.index_select(0, self.und)), f_gen(flat.index_select(0, self.gen))
         shape = (flat.shape[0],) + y_und.shape[1:]
-        y = y_und.new_empty(shape)                   # filled in place: no zeroing or copies of the whole
+        y = y_und.new_empty(shape)                   # filled in place: no zero-fill or copies of the whole
         y.index_copy_(0, self.und, y_und).index_copy_(0, self.gen, y_gen).index_fill_(0, self.skipped, 0)
         return y.reshape(*x.shape[:2], *y.shape[1:])
 
